@@ -1,0 +1,36 @@
+"""Shared test set-up: the persistent compile cache, quiet reference libraries, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# Must be set before jax initialises its backends.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The official NYU lists of the steering repo, when present (never shipped with the project).
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not (REFERENCE_DIR / "nyu_train_list.txt").exists():
+        pytest.skip("../shared/reference (official NYU lists) is not present")
+    return REFERENCE_DIR
