@@ -1,1 +1,10 @@
-"""data"""
+"""NYUv2 data: TFDS builders for the on-disk layouts VPD users have, synthetic scenes, VPD's augmentations and
+grain loaders. Importing this package imports nothing heavy; TensorFlow/TFDS/grain/cv2/h5py load on use.
+
+* ``python -m vpd_jax.data.prepare --source {bts,mat,mmseg,synthetic,fastdepth} ... --data_dir DIR``
+* ``vpd_jax.data.loader.make_train_loader`` / ``make_eval_loader``
+* ``vpd_jax.data.augment.AugmentConfig``
+* ``vpd_jax.data.catalog``: dataset names, ``prepared_datasets(data_dir)``, ``require`` (one-line errors)
+"""
+
+from vpd_jax.data.catalog import DatasetNotFoundError, dataset_names, prepared_datasets  # noqa: F401

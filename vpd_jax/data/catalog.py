@@ -1,0 +1,72 @@
+"""Which datasets the loaders can read, where they live under a ``data_dir``, and the one-line error for a
+missing one. Pure Python (no TensorFlow/TFDS import), so the trainer can check its config up front."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# name -> (directory under data_dir, version, prepare command hint, split aliases)
+DATASETS: dict[str, dict] = {
+    "nyu_vpd/bts": {"path": "nyu_vpd/bts/1.0.0",
+                    "prepare": "--source bts --bts_dir SYNC_DIR [--train_list LIST] "
+                               "[--test_dir OFFICIAL_SPLITS/test | --mat LABELED.mat --splits splits.mat]"},
+    "nyu_vpd/mat": {"path": "nyu_vpd/mat/1.0.0", "prepare": "--source mat --mat LABELED.mat --splits splits.mat"},
+    "nyu_vpd/mmseg": {"path": "nyu_vpd/mmseg/1.0.0", "prepare": "--source mmseg --mmseg_dir data/nyu"},
+    "nyu_vpd/synthetic": {"path": "nyu_vpd/synthetic/1.0.0",
+                          "prepare": "--source synthetic --num_train 256 --num_test 64 --height 120 --width 160"},
+    "nyu_depth_v2": {"path": "nyu_depth_v2/0.0.1", "prepare": "--source fastdepth --fastdepth_dir EXTRACTED_DIR",
+                     "aliases": {"test": "validation"}},
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset or split that is not prepared under ``data_dir``; ``str()`` is one line with the fix."""
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def dataset_path(data_dir: str, name: str) -> str:
+    if name not in DATASETS:
+        raise DatasetNotFoundError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return os.path.join(data_dir, DATASETS[name]["path"])
+
+
+def _splits(path: str) -> list[str]:
+    with open(os.path.join(path, "dataset_info.json")) as f:
+        info = json.load(f)
+    return [s["name"] for s in info.get("splits", [])]
+
+
+def prepared_datasets(data_dir: str) -> dict[str, list[str]]:
+    """``{name: [splits]}`` of every dataset prepared (finished) under ``data_dir``."""
+    out = {}
+    for name, d in DATASETS.items():
+        path = os.path.join(data_dir, d["path"])
+        if os.path.isfile(os.path.join(path, "dataset_info.json")):
+            out[name] = _splits(path)
+    return out
+
+
+def resolve_split(name: str, split: str) -> str:
+    return DATASETS.get(name, {}).get("aliases", {}).get(split, split)
+
+
+def require(data_dir: str, name: str, split: str) -> tuple[str, str]:
+    """``(dataset directory, TFDS split name)`` or :class:`DatasetNotFoundError` with the prepare command."""
+    path = dataset_path(data_dir, name)
+    hint = f"python -m vpd_jax.data.prepare {DATASETS[name]['prepare']} --data_dir {data_dir}"
+    if not os.path.isdir(data_dir):
+        raise DatasetNotFoundError(f"data_dir {data_dir} does not exist; prepare a dataset with: {hint}")
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        have = prepared_datasets(data_dir)
+        have_s = f" (prepared there: {', '.join(have)})" if have else ""
+        raise DatasetNotFoundError(f"no prepared dataset {name!r} under {data_dir}{have_s}; run {hint}")
+    tfds_split = resolve_split(name, split)
+    splits = _splits(path)
+    if tfds_split not in splits:
+        raise DatasetNotFoundError(f"dataset {name!r} under {data_dir} has no split {split!r} "
+                                   f"(it has: {', '.join(splits)}); run {hint}")
+    return path, tfds_split

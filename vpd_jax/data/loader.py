@@ -1,0 +1,208 @@
+"""grain input pipelines over the prepared TFDS datasets (array_record), with no TensorFlow in the loop.
+
+Training (:func:`make_train_loader`): each host takes a disjoint contiguous shard of the split, shuffles it
+with ``seed`` (a new order every epoch), augments every example with a generator keyed by
+``(seed, process_index, position in the stream)``, batches with ``drop_remainder`` and optionally runs in
+worker processes. So the stream is a pure function of (seed, host, position): the iterator state saved with a
+checkpoint (``get_state()``, JSON bytes) resumes with exactly the batches an uninterrupted run yields. Batch
+composition depends on ``worker_count`` (each worker batches its own slice), so a state restores only into a
+loader with the same worker count; that is checked.
+
+Evaluation (:func:`make_eval_loader`): every example of the split exactly once, in order, split into
+``process_count`` contiguous blocks; each host pads its block to the same whole number of batches with
+``valid=False`` examples, so all hosts run the same number of steps.
+
+Batches are dicts of numpy arrays: ``image`` uint8 (B,H,W,3), ``depth`` float32 (B,H,W) metres (0 = invalid),
+``class_id`` int32 (B,), ``valid`` bool (B,); evaluation batches add ``file_name`` (str).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from vpd_jax.data import catalog
+from vpd_jax.data.augment import AugmentConfig, augment
+from vpd_jax.scenes import CLASS_RULES, UNKNOWN_CLASS
+
+
+def open_source(data_dir: str, dataset: str, split: str):
+    """The random-access TFDS data source of ``dataset``/``split`` (raises a one-line error when missing)."""
+    import tensorflow_datasets as tfds
+
+    path, tfds_split = catalog.require(data_dir, dataset, split)
+    return tfds.builder_from_directory(path).as_data_source(split=tfds_split)
+
+
+def _class_key(class_rule: str) -> str:
+    if class_rule not in CLASS_RULES:
+        raise ValueError(f"class_rule {class_rule!r} is not one of {CLASS_RULES}")
+    return "class_id" if class_rule == "official" else "class_id_mmseg"
+
+
+def decode_record(record: dict, class_key: str) -> dict:
+    """A stored example as numpy: the stock ``nyu_depth_v2`` has float16 depth and no scene label."""
+    depth = np.asarray(record["depth"])
+    if depth.dtype != np.float32:
+        depth = depth.astype(np.float32)
+    cid = record.get(class_key, UNKNOWN_CLASS)
+    name = record.get("file_name", b"")
+    return {"image": np.asarray(record["image"]), "depth": depth, "class_id": np.int32(cid),
+            "file_name": name.decode() if isinstance(name, bytes) else str(name)}
+
+
+@dataclasses.dataclass
+class _TrainTransform:
+    """Picklable per-example work for grain's worker processes."""
+
+    source: Any
+    aug: AugmentConfig
+    seed: int
+    process_index: int
+    shard_start: int
+    shard_len: int
+    class_key: str
+
+    def __call__(self, index: int, key: int) -> dict:
+        ex = decode_record(self.source[self.shard_start + int(key)], self.class_key)
+        rng = np.random.default_rng([self.seed, self.process_index, index])
+        image, depth, _ = augment(ex["image"], ex["depth"], self.aug, rng, position=index % self.shard_len)
+        return {"image": image, "depth": depth, "class_id": ex["class_id"], "valid": np.bool_(True)}
+
+
+class TrainIterator:
+    """grain iterator plus a fingerprint of the loader settings; state is JSON bytes (DataLoader-style, so
+    grain's orbax ``CheckpointHandler`` can save it with the training checkpoint)."""
+
+    def __init__(self, dataset, fingerprint: dict):
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self.fingerprint = fingerprint
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"fingerprint": self.fingerprint, "grain": self._it.get_state()}).encode()
+
+    def set_state(self, state: bytes | str | dict):
+        if isinstance(state, (bytes, bytearray)):
+            state = state.decode()
+        if isinstance(state, str):
+            state = json.loads(state)
+        if state.get("fingerprint") != self.fingerprint:
+            diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in self.fingerprint.items()
+                    if state.get("fingerprint", {}).get(k) != v}
+            raise ValueError(f"loader state was saved with different settings (saved, now): {diff}")
+        self._it.set_state(state["grain"])
+
+    def start_prefetch(self):
+        if hasattr(self._it, "start_prefetch"):
+            self._it.start_prefetch()
+
+    def close(self):
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "train",
+                      global_batch_size: int, seed: int, aug: AugmentConfig | None = None,
+                      process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+                      num_epochs: int | None = None, class_rule: str = "official", read_threads: int = 2,
+                      worker_buffer_size: int = 2) -> TrainIterator:
+    """Infinite (or ``num_epochs``) stream of augmented training batches of ``global_batch_size //
+    process_count`` examples for this host. ``worker_count`` > 0 runs the decoding and augmentation in that
+    many processes (absl flags must be parsed in the main program, as grain requires)."""
+    import grain
+
+    aug = aug if aug is not None else AugmentConfig()
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    batch = global_batch_size // process_count
+    source = open_source(data_dir, dataset, split)
+    n = len(source)
+    shard_len = n // process_count  # equal shards, so every host yields the same number of batches
+    if shard_len < batch:
+        raise ValueError(f"{dataset}/{split} has {n} examples: fewer than one batch of {batch} per host "
+                         f"({process_count} hosts)")
+    transform = _TrainTransform(source, aug, int(seed), process_index, process_index * shard_len, shard_len,
+                                _class_key(class_rule))
+    ds = grain.MapDataset.range(shard_len).shuffle(seed=int(seed)).repeat(num_epochs)
+    ds = ds.map_with_index(transform)
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
+    ids = ids.batch(batch, drop_remainder=True)
+    if worker_count > 0:
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                           per_worker_buffer_size=worker_buffer_size))
+    fingerprint = {"dataset": dataset, "split": split, "num_examples": n, "global_batch_size": global_batch_size,
+                   "seed": int(seed), "process_index": process_index, "process_count": process_count,
+                   "worker_count": worker_count, "num_epochs": num_epochs, "class_rule": class_rule,
+                   "aug": json.loads(json.dumps(dataclasses.asdict(aug)))}
+    return TrainIterator(ids, fingerprint)
+
+
+@dataclasses.dataclass
+class _EvalTransform:
+    source: Any
+    start: int
+    end: int
+    pad: dict
+    class_key: str
+
+    def __call__(self, i: int) -> dict:
+        k = self.start + int(i)
+        if k >= self.end:
+            return dict(self.pad)
+        ex = decode_record(self.source[k], self.class_key)
+        ex["valid"] = np.bool_(True)
+        return ex
+
+
+class EvalLoader:
+    """Re-iterable: each ``iter()`` yields this host's ``num_batches`` batches in order."""
+
+    def __init__(self, dataset, num_batches: int, num_examples: int, total_examples: int, start: int):
+        self._dataset = dataset
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # real (valid) examples on this host
+        self.total_examples = total_examples  # in the split, over all hosts
+        self.start = start  # index of this host's first example in the split
+
+    def __iter__(self):
+        return iter(self._dataset)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def make_eval_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "test", batch_size: int,
+                     process_index: int = 0, process_count: int = 1, class_rule: str = "official",
+                     read_threads: int = 2) -> EvalLoader:
+    """Every example of ``split`` exactly once, in order; host ``p`` gets the p-th contiguous block."""
+    import grain
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    source = open_source(data_dir, dataset, split)
+    n = len(source)
+    per_host = math.ceil(n / process_count)
+    start = min(n, process_index * per_host)
+    end = min(n, start + per_host)
+    num_batches = max(1, math.ceil(per_host / batch_size))
+    first = decode_record(source[0], _class_key(class_rule))
+    pad = {"image": np.zeros_like(first["image"]), "depth": np.zeros_like(first["depth"]),
+           "class_id": np.int32(UNKNOWN_CLASS), "file_name": "", "valid": np.bool_(False)}
+    transform = _EvalTransform(source, start, end, pad, _class_key(class_rule))
+    ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))
+    ids = ids.batch(batch_size, drop_remainder=False)
+    return EvalLoader(ids, num_batches, end - start, n, start)

@@ -1,0 +1,151 @@
+"""Prepare a NYUv2 dataset for the loaders: ``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
+
+Sources (see ``sources.py`` for the layouts):
+
+* ``bts``: the BTS ``sync`` training tree (``--bts_dir``; every pair, or those of ``--train_list``), plus the
+  654-image test split from ``--test_dir official_splits/test`` (optionally ``--test_list``) or from
+  ``--mat`` + ``--splits``. Writes ``nyu_vpd/bts`` (splits train[, test]).
+* ``mat``: ``--mat nyu_depth_v2_labeled.mat --splits splits.mat``: the official 795/654 split. ``nyu_vpd/mat``.
+* ``mmseg``: ``--mmseg_dir data/nyu`` (``images/{train,test}``, ``annotations/{train,test}``). ``nyu_vpd/mmseg``.
+* ``synthetic``: generated scenes (``--num_train/--num_test/--height/--width/--seed``). ``nyu_vpd/synthetic``.
+* ``fastdepth``: the stock TFDS ``nyu_depth_v2`` from an extracted FastDepth tarball (``--fastdepth_dir``).
+
+Bad pairs are reported one line each and skipped; the run ends with the count (``--strict`` stops at the
+first instead). A dataset already under ``--data_dir`` is replaced only when the new build has finished.
+Exit status: 0 on success, 1 on a strict stop or unusable input, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vpd_jax.data import builder, sources
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text.lower() in ("any", "none"):
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 480x640, or 'any'") from None
+    return h, w
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth"])
+    p.add_argument("--data_dir", required=True, help="where prepared datasets live (the loaders' data_dir)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad pair instead of skipping it")
+    p.add_argument("--image_size", type=_size, default=(480, 640),
+                   help="required HxW of every image (default 480x640; 'any' accepts any size)")
+    g = p.add_argument_group("bts")
+    g.add_argument("--bts_dir", help="BTS sync tree: <scene_dir>/rgb_NNNNN.jpg + sync_depth_NNNNN.png")
+    g.add_argument("--train_list", help="BTS-format list of the training pairs (default: every pair found)")
+    g.add_argument("--test_dir", help="official_splits/test tree (same layout) for the test split")
+    g.add_argument("--test_list", help="BTS-format list of the test pairs under --test_dir")
+    g = p.add_argument_group("mat")
+    g.add_argument("--mat", help="nyu_depth_v2_labeled.mat")
+    g.add_argument("--splits", help="splits.mat (trainNdxs/testNdxs)")
+    g.add_argument("--mat_image_format", choices=("jpeg", "png"), default="jpeg",
+                   help="jpeg (default) reproduces the official extraction's files; png keeps the exact pixels")
+    g = p.add_argument_group("mmseg")
+    g.add_argument("--mmseg_dir", help="mmseg data root holding images/ and annotations/")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--num_train", type=int, default=256)
+    g.add_argument("--num_test", type=int, default=64)
+    g.add_argument("--height", type=int, default=120)
+    g.add_argument("--width", type=int, default=160)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--frames_per_scene", type=int, default=4)
+    g = p.add_argument_group("fastdepth")
+    g.add_argument("--fastdepth_dir", help="extracted nyudepthv2.tar.gz (holds nyudepthv2/train and /val)")
+    args = p.parse_args(argv)
+    need = {"bts": ["bts_dir"], "mat": ["mat", "splits"], "mmseg": ["mmseg_dir"], "synthetic": [],
+            "fastdepth": ["fastdepth_dir"]}[args.source]
+    missing = [f"--{k}" for k in need if getattr(args, k) is None]
+    if missing:
+        p.error(f"--source {args.source} needs {' and '.join(missing)}")
+    if args.source == "bts" and args.test_dir and args.mat:
+        p.error("give the test split either as --test_dir or as --mat/--splits, not both")
+    if args.source == "bts" and bool(args.mat) != bool(args.splits):
+        p.error("--mat and --splits go together")
+    return args
+
+
+def _check_file(path: str, what: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file ({what})")
+
+
+def split_plan(args) -> tuple[dict, dict]:
+    """(split -> callable returning Items, split -> expected count for the progress bar)."""
+    size = args.image_size
+    plan, sizes = {}, {}
+    if args.source == "bts":
+        if args.train_list:
+            _check_file(args.train_list, "--train_list")
+            train = sources.bts_list_items(args.bts_dir, args.train_list, size)
+        else:
+            train = sources.bts_tree_items(args.bts_dir, size)
+        plan["train"], sizes["train"] = (lambda: train), len(train)
+        if args.test_dir:
+            if args.test_list:
+                _check_file(args.test_list, "--test_list")
+                test = sources.bts_list_items(args.test_dir, args.test_list, size)
+            else:
+                test = sources.bts_tree_items(args.test_dir, size)
+            plan["test"], sizes["test"] = (lambda: test), len(test)
+        elif args.mat:
+            _check_file(args.mat, "--mat")
+            idx = sources.read_splits(args.splits)
+            plan["test"] = lambda: sources.mat_items(args.mat, args.splits, "test", args.mat_image_format)
+            sizes["test"] = len(idx["test"])
+    elif args.source == "mat":
+        _check_file(args.mat, "--mat")
+        idx = sources.read_splits(args.splits)
+        for split in ("train", "test"):
+            plan[split] = (lambda s=split: sources.mat_items(args.mat, args.splits, s, args.mat_image_format))
+            sizes[split] = len(idx[split])
+    elif args.source == "mmseg":
+        for split in ("train", "test"):
+            if os.path.isdir(os.path.join(args.mmseg_dir, "images", split)):
+                items = sources.mmseg_items(args.mmseg_dir, split, size)
+                plan[split], sizes[split] = (lambda items=items: items), len(items)
+        if not plan:
+            raise FileNotFoundError(f"{args.mmseg_dir}: no images/train or images/test directory (mmseg layout)")
+    elif args.source == "synthetic":
+        for split, n in (("train", args.num_train), ("test", args.num_test)):
+            if n > 0:
+                plan[split] = (lambda s=split, n=n: sources.synthetic_items(
+                    args.seed, n, args.height, args.width, s, args.frames_per_scene))
+                sizes[split] = n
+    return plan, sizes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.source == "fastdepth":
+            path = builder.build_stock_nyu_depth_v2(args.data_dir, args.fastdepth_dir)
+            print(f"prepared nyu_depth_v2 at {path}")
+            return 0
+        plan, sizes = split_plan(args)
+        report = builder.PrepareReport(strict=args.strict)
+        path = builder.build_nyu_vpd(args.data_dir, args.source, plan, sizes, report)
+    except builder.StrictStop as e:
+        print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, sources.BadInput) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    written = ", ".join(f"{k} {v}" for k, v in report.written.items())
+    print(f"prepared nyu_vpd/{args.source} at {path}: {written} examples; skipped {len(report.skipped)} bad pairs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
