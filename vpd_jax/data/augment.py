@@ -121,18 +121,23 @@ def resize(image: np.ndarray, depth: np.ndarray, shape: tuple[int, int]) -> tupl
 
 
 def crop(image: np.ndarray, depth: np.ndarray, top: int, left: int, size: tuple[int, int]):
-    """Crop ``size`` at (top, left); an image smaller than ``size`` (512 recipe, ratio < 1) is zero-padded at
-    the bottom/right, the depth with 0 = invalid, so that batches keep one shape."""
+    """Crop ``size`` at (top, left); a smaller image (512 recipe, ratio < 1) gives a smaller crop, as mmseg's
+    ``RandomCrop`` does. :func:`pad_to` then brings it to ``size``."""
     ch, cw = size
-    img = image[top:top + ch, left:left + cw]
-    dep = depth[top:top + ch, left:left + cw]
-    if img.shape[:2] != (ch, cw):
-        pad_img = np.zeros((ch, cw, image.shape[2]), image.dtype)
-        pad_dep = np.zeros((ch, cw), depth.dtype)
-        pad_img[:img.shape[0], :img.shape[1]] = img
-        pad_dep[:dep.shape[0], :dep.shape[1]] = dep
-        return pad_img, pad_dep
-    return img, dep
+    return image[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
+
+
+def pad_to(image: np.ndarray, depth: np.ndarray, size: tuple[int, int]):
+    """Zero-pads at the bottom/right to ``size`` (depth 0 = invalid), so that batches keep one shape. Done
+    after the photometric ops so that the padding stays exactly black."""
+    ch, cw = size
+    if image.shape[:2] == (ch, cw):
+        return image, depth
+    pad_img = np.zeros((ch, cw, image.shape[2]), image.dtype)
+    pad_dep = np.zeros((ch, cw), depth.dtype)
+    pad_img[:image.shape[0], :image.shape[1]] = image
+    pad_dep[:depth.shape[0], :depth.shape[1]] = depth
+    return pad_img, pad_dep
 
 
 # --- photometric (albumentations 2.0.8 semantics for uint8) --------------------------------------------------
@@ -257,4 +262,6 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
         pp = sample_photometric(rng)
         image = apply_photometric(image, pp)
         params["photometric"] = pp
+    if cfg.crop_size is not None:
+        image, depth = pad_to(image, depth, cfg.crop_size)
     return image, depth, params
