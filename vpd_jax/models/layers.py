@@ -1,0 +1,96 @@
+"""Small Flax layers shared by the UNet, the VAE encoder and the VPD head, with PyTorch's numerics.
+
+Normalisations are computed in float32 with a two-pass variance (as PyTorch and CompVis' ``GroupNorm32``
+do), whatever the compute dtype; resizes follow ``torch.nn.functional.interpolate`` index rules. Parameter
+names (``scale``, ``bias``, ``kernel``) are Flax's, so diffusers' Flax weight files load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm`` over NHWC (or N...C) inputs; statistics in float32, two-pass variance."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm`` over the last axis; float32 statistics, two-pass variance."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of PyTorch's ``mode='nearest'`` resize: ``min(floor(i * in/out), in-1)`` in float32."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """NHWC nearest-neighbour resize with PyTorch's index rule (an exact x2 is a repeat)."""
+    h, w = x.shape[1], x.shape[2]
+    oh, ow = size
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if oh != h:
+        x = jnp.take(x, jnp.asarray(nearest_indices(h, oh)), axis=1)
+    if ow != w:
+        x = jnp.take(x, jnp.asarray(nearest_indices(w, ow)), axis=2)
+    return x
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """diffusers' ``get_timestep_embedding``: sinusoids of ``timesteps`` (B,) -> (B, dim) in float32."""
+    half = dim // 2
+    # float32 throughout, in torch's order of operations, so the frequencies match bit for bit.
+    exponent = np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - freq_shift)
+    freqs = jnp.exp(jnp.asarray(exponent, jnp.float32))
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb

@@ -1,0 +1,199 @@
+"""The encoder half of Stable Diffusion's ``AutoencoderKL`` in Flax linen: image -> posterior mean.
+
+VPD encodes with ``encode(x).mode()``, i.e. the mean of the diagonal Gaussian, and does **not** multiply by
+the 0.18215 scaling factor (VPD_SPEC §1.2), so neither does this module. Numerics follow PyTorch/CompVis:
+GroupNorm epsilon 1e-6 with float32 two-pass statistics, the asymmetric (0, 1, 0, 1) padding before each
+stride-2 downsampling conv, and a single-head mid-block attention with biased q/k/v projections.
+
+Parameter names are those of diffusers' ``FlaxAutoencoderKL`` (``encoder/down_blocks_0/resnets_0/conv1``,
+``encoder/mid_block/attentions_0/{group_norm,query,key,value,proj_attn}``, ``quant_conv``), so its msgpack
+weights load unchanged. ``apply(v, images)`` takes NHWC images in [-1, 1] and returns NHWC latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vpd_jax.models.layers import GroupNorm
+
+Dtype = Any
+
+_IGNORED_KEYS = {
+    "_class_name", "_diffusers_version", "_name_or_path", "sample_size", "scaling_factor", "shift_factor",
+    "latents_mean", "latents_std", "force_upcast", "up_block_types", "out_channels", "use_post_quant_conv",
+    "act_fn",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """diffusers ``AutoencoderKL`` encoder settings; defaults are SD v1.5's VAE."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    use_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
+            raise ValueError(f"VAEConfig: only DownEncoderBlock2D is supported, got {self.down_block_types}")
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError("VAEConfig: down_block_types and block_out_channels differ in length")
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
+        """From an ``AutoencoderKL`` ``config.json`` dict; unknown settings raise one error naming them."""
+        if config.get("act_fn", "silu") != "silu":
+            raise ValueError(f"VAE config.json: act_fn={config['act_fn']!r} is not supported (only 'silu')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if k not in fields and k not in _IGNORED_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"VAE config.json: unknown setting(s) {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class _ResnetBlock(nn.Module):
+    out_channels: int
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(nn.Conv, self.out_channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
+        h = conv(name="conv1")(nn.silu(GroupNorm(self.groups, 1e-6, name="norm1", **kw)(x)))
+        h = conv(name="conv2")(nn.silu(GroupNorm(self.groups, 1e-6, name="norm2", **kw)(h)))
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), padding="VALID", name="conv_shortcut", **kw)(x)
+        return x + h
+
+
+class _AttentionBlock(nn.Module):
+    """Single-head self-attention over all positions (CompVis ``AttnBlock``), scale C**-0.5."""
+
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        y = GroupNorm(self.groups, 1e-6, name="group_norm", **kw)(x).reshape(b, h * w, 1, c)
+        q = nn.Dense(c, name="query", **kw)(y)
+        k = nn.Dense(c, name="key", **kw)(y)
+        v = nn.Dense(c, name="value", **kw)(y)
+        out = jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5)
+        return nn.Dense(c, name="proj_attn", **kw)(out.reshape(b, h * w, c)).reshape(b, h, w, c) + x
+
+
+class _DownEncoderBlock(nn.Module):
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i in range(self.num_layers):
+            x = _ResnetBlock(self.out_channels, self.groups, name=f"resnets_{i}", **kw)(x)
+        if self.add_downsample:
+            x = _Downsample(self.out_channels, name="downsamplers_0", **kw)(x)
+        return x
+
+
+class _Downsample(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # CompVis pads right/bottom only
+        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="conv")(x)
+
+
+class _MidBlock(nn.Module):
+    channels: int
+    groups: int
+    add_attention: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = _ResnetBlock(self.channels, self.groups, name="resnets_0", **kw)(x)
+        if self.add_attention:
+            x = _AttentionBlock(self.groups, name="attentions_0", **kw)(x)
+        return _ResnetBlock(self.channels, self.groups, name="resnets_1", **kw)(x)
+
+
+class _Encoder(nn.Module):
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        x = nn.Conv(chans[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
+        for i in range(n):
+            x = _DownEncoderBlock(chans[i], cfg.layers_per_block, cfg.norm_num_groups, i < n - 1,
+                                  name=f"down_blocks_{i}", **kw)(x)
+        x = _MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
+        return nn.Conv(2 * cfg.latent_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
+
+
+class VAEEncoder(nn.Module):
+    """SD VAE encoder + ``quant_conv``; returns the posterior mean (no 0.18215 scaling).
+
+    Attributes:
+      config: the architecture (``VAEConfig.from_diffusers(config_json)``).
+      dtype: compute dtype; param_dtype: parameter dtype.
+    """
+
+    config: VAEConfig = VAEConfig()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        cfg = self.config
+        if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
+            raise ValueError(f"VAE encoder: expected NHWC images with {cfg.in_channels} channels, got {images.shape}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        moments = _Encoder(cfg, name="encoder", **kw)(images.astype(self.dtype))
+        if cfg.use_quant_conv:
+            moments = nn.Conv(2 * cfg.latent_channels, (1, 1), padding="VALID", name="quant_conv", **kw)(moments)
+        return moments[..., : cfg.latent_channels]
+
+
+def init_params(module: VAEEncoder, rng: jax.Array, image_shape=(1, 16, 16, 3)):
+    """Random parameters for ``module`` (jitted init on a small dummy image)."""
+    return jax.jit(module.init)(rng, jnp.zeros(image_shape, module.dtype))["params"]
