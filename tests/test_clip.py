@@ -305,6 +305,21 @@ def test_bad_sources(tmp_path, tiny):
     one_line_error(extra, "unexpected: adapter/kernel")
 
 
+def test_stable_diffusion_layout_and_weight_file(tiny, loaded, tmp_path):
+    """A pipeline folder (text_encoder/ + tokenizer/ beside it), and a weight file given directly."""
+    src = tiny["dirs"]["safetensors"]
+    for sub, names in (("text_encoder", ("config.json", "model.safetensors")), ("tokenizer", ("vocab.json",
+                                                                                           "merges.txt"))):
+        (tmp_path / sub).mkdir()
+        for n in names:
+            (tmp_path / sub / n).write_bytes((src / n).read_bytes())
+    _, params, _ = loaded
+    for source in (tmp_path, src / "model.safetensors"):
+        _, got, tok = load_clip_text(source)
+        assert isinstance(tok, transformers.CLIPTokenizer)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+
+
 def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -355,7 +370,7 @@ def test_templates_are_the_clip_imagenet_80():
 
 def test_class_embeddings_tool(tiny, tmp_path):
     """The command end to end against the recipe computed directly with PyTorch."""
-    from vpd_jax.tools.class_embeddings import load_table, main
+    from vpd_jax.tools.class_embeddings import load_table, main, save_table
 
     src = tiny["dirs"]["safetensors"]
     assert main(["--clip", str(src), "--out", str(tmp_path / "t28.pth"), "--with-mean"]) == 0
@@ -378,14 +393,13 @@ def test_class_embeddings_tool(tiny, tmp_path):
     print(f"class table max err vs PyTorch recipe: {err:.2e}")
     assert err < TOL
 
-    # Other outputs and a custom class list; the library call gives the same rows.
+    # A custom class list; the other output formats.
     (tmp_path / "classes.json").write_text(json.dumps(["kitchen", "bathroom"]))
-    for out in ("t.npy", "t.safetensors"):
-        assert main(["--clip", str(src), "--out", str(tmp_path / out), "--classes", str(tmp_path / "classes.json"),
-                     "--no-progress"]) == 0
-        np.testing.assert_array_equal(load_table(tmp_path / out), table[[6, 1]])
-    enc = TextEncoder.from_pretrained(src)
-    np.testing.assert_array_equal(class_embedding_table(enc, NYU_CLASSES[:2]), table[:2])
+    assert main(["--clip", str(src), "--out", str(tmp_path / "t.npy"), "--classes", str(tmp_path / "classes.json"),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), table[[6, 1]])
+    save_table(table, tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(load_table(tmp_path / "t.safetensors"), table)
 
 
 def test_config_from_clip_model_dict():
@@ -399,3 +413,26 @@ def test_config_from_clip_model_dict():
                                                                   jnp.zeros((1, 20), jnp.int32)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     assert n == 123_060_480  # transformers' CLIPTextModel for openai/clip-vit-large-patch14
+
+
+@pytest.mark.slow
+def test_vit_l14_size_matches_pytorch(tmp_path, jit_apply):
+    """openai/clip-vit-large-patch14's text-tower config at full size, random weights, through the reader."""
+    cfg = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+               bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=768)
+    torch.manual_seed(3)
+    model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
+    model.save_pretrained(tmp_path)
+    module, params, tok = load_clip_text(tmp_path)
+    assert tok is None and module.config == CLIPTextConfig.vit_l14()
+    rng = np.random.default_rng(0)
+    ids = np.full((2, MAX_LEN), 49407)
+    ids[:, 0] = 49406
+    ids[0, 1:7] = rng.integers(0, 49406, 6)
+    ids[1, 1:12] = rng.integers(0, 49406, 11)
+    ref_h, ref_p = _torch_forward(model, ids)
+    out = jit_apply(module, params, ids)
+    err_h, err_p = _max_err(out.last_hidden_state, ref_h), _max_err(out.pooler_output, ref_p)
+    print(f"ViT-L/14 size: last_hidden_state max err {err_h:.2e}, pooler_output {err_p:.2e}")
+    assert err_h < TOL and err_p < TOL

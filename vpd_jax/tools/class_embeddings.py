@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 SAFETENSORS_KEY = "class_embeddings"
+OUT_SUFFIXES = (".npy", ".safetensors", ".pth", ".pt")
 
 
 def save_table(table: np.ndarray, out: str | pathlib.Path) -> pathlib.Path:
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="use CLIPTokenizerFast (the official recipe used the slow CLIPTokenizer)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if pathlib.Path(args.out).suffix not in OUT_SUFFIXES:  # before minutes of encoding, not after
+        raise SystemExit(f"--out {args.out}: unknown suffix; use one of {', '.join(OUT_SUFFIXES)}")
+    # transformers would otherwise import TensorFlow (installed for the data pipeline) for nothing.
+    os.environ.setdefault("USE_TF", "0")
 
     classes = list(NYU_CLASSES)
     if args.classes:

@@ -74,24 +74,31 @@ def resolve_clip_source(source: str | os.PathLike) -> tuple[pathlib.Path, pathli
 
 
 def _resolve_hub(repo_id: str) -> tuple[pathlib.Path, pathlib.Path]:
-    try:
-        config = hub_download(repo_id, ["config.json"])
-    except WeightsError as e:
-        # huggingface_hub reports "offline and not cached" as a missing entry (LocalEntryNotFoundError);
-        # say what it means instead of claiming the repository lacks a config.
-        if "LocalEntryNotFound" not in str(e):
-            raise
-        raise WeightsError(
-            f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached (offline); pass a "
-            f"local transformers CLIP folder (config.json + model.safetensors) or run once with network access"
-        ) from None
-    weights = hub_download(repo_id, list(WEIGHT_FILES))
+    errors = []
+    for sub in SUBFOLDERS:  # a CLIP repository, or a Stable Diffusion one with text_encoder/
+        try:
+            config = hub_download(repo_id, ["config.json"], subfolder=sub)
+            break
+        except WeightsError as e:
+            # huggingface_hub reports "offline and not cached" as a missing entry (LocalEntryNotFoundError);
+            # say what it means instead of claiming the repository lacks a config.
+            if "LocalEntryNotFound" in str(e):
+                raise WeightsError(
+                    f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached (offline); "
+                    f"pass a local transformers CLIP folder (config.json + model.safetensors) or run once with "
+                    f"network access") from None
+            if "not in the repository" not in str(e):
+                raise
+            errors.append(f"{sub + '/' if sub else ''}config.json")
+    else:
+        raise WeightsError(f"{repo_id}: not a transformers CLIP repository (none of {errors} exists)")
+    weights = hub_download(repo_id, list(WEIGHT_FILES), subfolder=sub)
     if weights.name.endswith(".index.json"):
         for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
-            hub_download(repo_id, [shard])
+            hub_download(repo_id, [shard], subfolder=sub)
     for name in TOKENIZER_FILES:  # optional: a missing tokenizer only means no tokenizer
         try:
-            hub_download(repo_id, [name])
+            hub_download(repo_id, [name], subfolder="tokenizer" if sub else None)
         except WeightsError:
             pass
     return config, weights
