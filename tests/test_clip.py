@@ -296,6 +296,10 @@ def test_bad_sources(tmp_path, tiny):
     extra.mkdir()
     (extra / "config.json").write_bytes((src / "config.json").read_bytes())
     state = load_file(str(src / "model.safetensors"))
+    # Older transformers saved the position_ids buffer: skipped knowingly.
+    state["text_model.embeddings.position_ids"] = np.arange(24, dtype=np.int64)[None]
+    save_file(state, str(extra / "model.safetensors"))
+    load_clip_text(extra, tokenizer=False)
     state["text_model.adapter.weight"] = np.zeros((2, 2), np.float32)
     state["unet.conv.weight"] = np.zeros((2,), np.float32)
     save_file(state, str(extra / "model.safetensors"))
