@@ -1,0 +1,115 @@
+"""Train state, sharding rules and the train step: groups, accumulation, and 8 simulated devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import step_multidevice_check as toy
+from vpd_jax import parallel
+from vpd_jax.training import optimizer as O
+from vpd_jax.training import step
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def test_fsdp_spec_rules():
+    big = 1 << 20
+    assert parallel.fsdp_spec((3, 3, 1280, 1280), 8, big) == P(None, None, None, parallel.FSDP)  # tie -> last
+    assert parallel.fsdp_spec((3, 3, 2560, 1280), 8, big) == P(None, None, parallel.FSDP, None)
+    assert parallel.fsdp_spec((1280, 1000), 8, 1000) == P(parallel.FSDP, None)  # 1000 % 8 == 0 too, 1280 larger
+    assert parallel.fsdp_spec((512, 512), 8, big) == P()  # below the size threshold
+    assert parallel.fsdp_spec((1001, 1003), 8, 10) == P()  # nothing divisible
+    assert parallel.fsdp_spec((4096, 4096), 1, 10) == P()  # no fsdp axis
+
+
+def test_make_mesh_one_device():
+    mesh = parallel.make_mesh(-1, 1, jax.devices()[:1])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+    with pytest.raises(ValueError):
+        parallel.make_mesh(2, 1, jax.devices()[:1])
+
+
+def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
+    for k in ("VPD_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed("localhost:1234", num_processes=1, process_id=0) is False
+    with pytest.raises(ValueError):
+        parallel.initialize_distributed("localhost:1234")
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+    return parallel.make_mesh(1, 1, jax.devices()[:1])
+
+
+def _run(mesh, **kw):
+    # Threefry partitionable random ops compile slowly on CPU; the toy's results don't depend on it.
+    with jax.threefry_partitionable(False):
+        return toy.run(mesh, **kw)
+
+
+def test_state_layout(mesh1):
+    tx = O.adamw(1e-3)
+    with jax.threefry_partitionable(False):
+        state, shardings = step.create_train_state(toy.init_fn, tx, mesh1, 0)
+    assert int(state.step) == 0 and state.rng.dtype == jnp.uint32
+    assert set(state.params) == {"vae", "unet", "bn", "head"}
+    assert set(state.batch_stats["bn"]) == {"mean", "var"}
+    # The frozen VAE has no optimizer state: mu/nu cover only the trainable leaves.
+    n_trainable = sum(x.size for k, v in state.params.items() if k != "vae" for x in jax.tree.leaves(v))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0) == 2 * n_trainable
+    assert all(s.mesh is mesh1 for s in jax.tree.leaves(shardings))
+
+
+def test_accumulation_4x2_equals_one_batch_of_8(mesh1):
+    full = _run(mesh1, num_microbatches=1, group_size=2, batch_size=8)
+    accum = _run(mesh1, num_microbatches=4, group_size=2, batch_size=8)
+    np.testing.assert_allclose(accum[2][-1]["loss"], full[2][-1]["loss"], rtol=1e-6)
+    assert toy.max_abs_diff(accum[0], full[0]) < 1e-5
+    assert toy.max_abs_diff(accum[1], full[1]) < 1e-5
+    assert set(full[2][0]) == {"loss", "grad_norm", "lr", "pred_mean"}
+    assert float(full[2][0]["lr"]) == pytest.approx(1e-2 * 0.03)  # mmseg warm-up start, step 0
+    assert int(full[3].step) == 2
+
+
+def test_groups_are_the_reference_per_gpu_batches(mesh1):
+    """Loss = mean over groups of loss_fn on consecutive images, each with its own statistics and rng."""
+    tx = O.adamw(1e-3)
+    with jax.threefry_partitionable(False):
+        state, shardings = step.create_train_state(toy.init_fn, tx, mesh1, 0)
+        batch = toy.make_batch(8)
+        expected, stats = [], []
+        key = jax.random.fold_in(state.rng, 0)
+        for k in range(4):
+            group = jax.tree.map(lambda x: x[2 * k : 2 * k + 2], batch)
+            loss, (bs, _) = jax.jit(toy.loss_fn)(state.params, state.batch_stats, group, jax.random.fold_in(key, k))
+            expected.append(float(loss))
+            stats.append(bs)
+        train_step = step.make_train_step(toy.loss_fn, tx, mesh1, shardings, group_size=2, donate=False)
+        _, metrics = train_step(state, batch)
+        first_step = step.make_train_step(toy.loss_fn, tx, mesh1, shardings, group_size=2, bn_reduce="first")
+        new_state, _ = first_step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(np.mean(expected), rel=1e-6)
+    np.testing.assert_allclose(new_state.batch_stats["bn"]["mean"], stats[0]["bn"]["mean"], rtol=1e-6)
+
+
+def test_sharded_step_equals_single_device_on_8_cpu_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env.pop("JAX_PLATFORMS", None)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "step_multidevice_check.py")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] and set(result["max_abs_diff"]) == {"8x1", "2x4", "1x8", "2x4_accum4"}
