@@ -225,3 +225,26 @@ def test_config_validation_and_presets():
     assert ag.AugmentConfig.mmseg_480().cutdepth == "mmseg"
     m = ag.AugmentConfig.mmseg_512()
     assert m.crop_size == (512, 512) and m.random_resize and m.resize_ratio_range == (0.8, 1.5)
+
+
+def test_recipe_equals_the_reference_order_step_by_step():
+    """CutDepth on the full image, then flip, then crop, then photometric (the references' order), rebuilt
+    from the returned parameters; the implementation pastes the strip after the crop for speed."""
+    image, depth = _example(48, 64, 9)
+    for cfg in (ag.AugmentConfig(crop_size=(48, 40)), ag.AugmentConfig(crop_size=(40, 24), cutdepth="mmseg")):
+        fired = 0
+        for s in range(60):
+            out, d, p = ag.augment(image, depth, cfg, np.random.default_rng(s), position=s)
+            ref_i, ref_d = image, depth
+            if p["cutdepth"] is not None:
+                fired += 1
+                ref_i = ag.apply_cutdepth(ref_i, ref_d, *p["cutdepth"])
+            if p["flip"]:
+                ref_i, ref_d = ref_i[:, ::-1], ref_d[:, ::-1]
+            top, left = p["crop"]
+            ch, cw = cfg.crop_size
+            ref_i, ref_d = ref_i[top:top + ch, left:left + cw], ref_d[top:top + ch, left:left + cw]
+            ref_i = ag.apply_photometric(np.ascontiguousarray(ref_i), p["photometric"])
+            np.testing.assert_array_equal(out, ref_i)
+            np.testing.assert_array_equal(d, ref_d)
+        assert fired > 5

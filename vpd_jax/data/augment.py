@@ -148,40 +148,49 @@ def _lut(image: np.ndarray, table: np.ndarray) -> np.ndarray:
     return cv2.LUT(image, table)
 
 
-def brightness_contrast(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """``RandomBrightnessContrast.apply``: clip(x * alpha + beta) through a float32 table, truncated to uint8.
+def brightness_contrast_table(alpha: float, beta: float) -> np.ndarray:
+    """``RandomBrightnessContrast.apply``'s uint8 table: clip(i * alpha + beta) in float32, truncated.
 
     ``alpha`` = 1 + contrast draw; ``beta`` = brightness draw * 255 (brightness_by_max=True)."""
     table = np.arange(256, dtype=np.float32) * alpha + beta
-    return _lut(image, np.clip(table, 0, 255).astype(np.uint8))
+    return np.clip(table, 0, 255).astype(np.uint8)
+
+
+def gamma_table(gamma_value: float) -> np.ndarray:
+    """``RandomGamma.apply``'s uint8 table (``gamma`` = draw / 100): (i/255)^gamma * 255, truncated."""
+    # Built from an arange with step 1/255 (not i/255) because that is the bit pattern albumentations
+    # truncates; the two differ in the last ulp, which flips a few entries by one.
+    table = (np.arange(0, 256.0 / 255, 1.0 / 255) ** gamma_value) * 255
+    return table[:256].astype(np.uint8)
+
+
+def brightness_contrast(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    return _lut(image, brightness_contrast_table(alpha, beta))
 
 
 def gamma(image: np.ndarray, gamma_value: float) -> np.ndarray:
-    """``RandomGamma.apply`` (``gamma`` = draw / 100): table (i/255)^gamma * 255, truncated to uint8."""
-    # The table is built from an arange with step 1/255 (not i/255) because that is the bit pattern
-    # albumentations truncates; the two differ in the last ulp, which flips a few entries by one.
-    table = (np.arange(0, 256.0 / 255, 1.0 / 255) ** gamma_value) * 255
-    return _lut(image, table[:256].astype(np.uint8))
+    return _lut(image, gamma_table(gamma_value))
 
 
 def hue_saturation_value(image: np.ndarray, hue_shift: float, sat_shift: float, val_shift: float) -> np.ndarray:
-    """``HueSaturationValue.apply`` on RGB uint8: OpenCV HSV (H in [0,180)); hue shifted mod 180 through a
-    table; saturation and value shifted by int(shift) with saturation, and S=0 (grey) pixels kept grey."""
+    """``HueSaturationValue.apply`` on RGB uint8: OpenCV HSV (H in [0,180)); hue shifted mod 180, saturation
+    and value shifted by int(shift) with saturation at 0/255, and S=0 (grey) pixels kept grey. Each channel
+    change is a 256-entry table, which is exactly the per-pixel arithmetic albumentations does."""
     import cv2
 
     if hue_shift == 0 and sat_shift == 0 and val_shift == 0:
         return image
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    hue, sat, val = cv2.split(cv2.cvtColor(image, cv2.COLOR_RGB2HSV))
+    i = np.arange(256, dtype=np.int16)
     if hue_shift != 0:
-        hue = _lut(hue, np.mod(np.arange(256, dtype=np.int16) + hue_shift, 180).astype(np.uint8))
+        hue = _lut(hue, np.mod(i + hue_shift, 180).astype(np.uint8))
     if sat_shift != 0:
-        grey = sat == 0
-        sat = np.clip(sat.astype(np.int16) + int(sat_shift), 0, 255).astype(np.uint8)
-        sat[grey] = 0
+        table = np.clip(i + int(sat_shift), 0, 255).astype(np.uint8)
+        table[0] = 0  # grey pixels stay grey
+        sat = _lut(sat, table)
     if val_shift != 0:
-        val = np.clip(val.astype(np.int16) + int(val_shift), 0, 255).astype(np.uint8)
-    return cv2.cvtColor(np.stack([hue, sat, val], -1), cv2.COLOR_HSV2RGB)
+        val = _lut(val, np.clip(i + int(val_shift), 0, 255).astype(np.uint8))
+    return cv2.cvtColor(cv2.merge([hue, sat, val]), cv2.COLOR_HSV2RGB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +217,16 @@ def sample_photometric(rng: np.random.Generator) -> PhotometricParams:
 
 
 def apply_photometric(image: np.ndarray, p: PhotometricParams) -> np.ndarray:
+    # Brightness/contrast and gamma are both per-value tables: composing them first makes one pass, with
+    # results identical to applying them one after the other.
+    table = None
     if p.alpha_beta is not None:
-        image = brightness_contrast(image, *p.alpha_beta)
+        table = brightness_contrast_table(*p.alpha_beta)
     if p.gamma is not None:
-        image = gamma(image, p.gamma)
+        g = gamma_table(p.gamma)
+        table = g if table is None else g[table]
+    if table is not None:
+        image = _lut(image, table)
     if p.hsv is not None:
         image = hue_saturation_value(image, *p.hsv)
     return image
@@ -233,7 +248,10 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
         strip = cutdepth_strip_official(w, u1, u2, cfg.cutdepth_scale_ratio)
     elif cfg.cutdepth == "mmseg" and rng.random() <= cfg.cutdepth_prob:
         strip = cutdepth_strip_mmseg(w, u1, u2, cfg.cutdepth_scale_ratio)
-    if strip is not None:
+    # Without a resize the strip can be pasted after flip and crop, on the copy the crop makes anyway, instead
+    # of copying the full image first; the pixels are the same because the strip takes each column's own depth.
+    early = strip is not None and cfg.random_resize
+    if early:
         image = apply_cutdepth(image, depth, *strip, uint8_wrap=cfg.cutdepth_uint8_wrap, max_depth=cfg.max_depth)
     params["cutdepth"] = strip
 
@@ -249,6 +267,7 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
         params["resize"] = shape
         h, w = shape
 
+    left = 0
     if cfg.crop_size is not None:
         ch, cw = cfg.crop_size
         top = int(rng.integers(0, max(h - ch, 0) + 1))
@@ -256,6 +275,15 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
         image, depth = crop(image, depth, top, left, cfg.crop_size)
         params["crop"] = (top, left)
 
+    if strip is not None and not early:
+        image = np.array(image)  # the crop's own copy
+        lo, width = strip
+        hi = lo + width
+        if flip:  # original column c sits at flipped column w-1-c
+            lo, hi = w - hi, w - lo
+        j0, j1 = max(lo - left, 0), min(hi - left, image.shape[1])
+        if j1 > j0:
+            image[:, j0:j1] = depth_to_strip(depth[:, j0:j1], cfg.cutdepth_uint8_wrap, cfg.max_depth)[..., None]
     image = np.ascontiguousarray(image)
     depth = np.ascontiguousarray(depth)
     if cfg.photometric:
