@@ -1,0 +1,182 @@
+"""Test-time augmentation of the references (spec §6.1, §6.3), over any ``predict_fn``.
+
+``predict_fn(images, class_ids) -> depth``: images (B, h, w, 3) NHWC, uint8 or float, exactly as the
+caller's model wants them (this module never normalises); ``class_ids`` (B,); depth (B, h, w) in metres.
+Every window is called at the same shape, so a jitted ``predict_fn`` compiles once. Everything here is
+jnp with static loops, so the whole TTA can also be wrapped in ``jax.jit`` around a traceable predict_fn.
+
+* Official VPD (``--shift_window_test --shift_size 2 --flip_test``): windows of the image height (480) at
+  ``x = i * ((W - h) // (n - 1))``, i.e. 0 and 160 for 640 wide; each averaged with its flipped
+  prediction (flipped back); summed into the canvas and divided by the overlap count.
+* mmseg ``slide_flip`` (``DepthEstimator.slide_flip_inference``): the same with mmseg's window rule
+  ``n = max(W - crop + stride - 1, 0) // stride + 1``, ``x2 = min(i * stride + crop, W)``,
+  ``x1 = max(x2 - crop, 0)`` on both axes; for 480 crops at stride 160 on 480x640 it is the official one.
+* mmseg 512 recipe: cv2-bilinear resize 480x640 -> 512x683 (mmcv ``rescale_size`` with scale (2048, 512)),
+  slide_flip with 512 crops at stride 128 (x = 0, 128, 171), then bilinear back to 480x640.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+PredictFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def official_window_starts(size: int, crop: int, shift_size: int = 2) -> list[int]:
+    """Official ``shift_window_test`` offsets: ``i * ((size - crop) // (shift_size - 1))``."""
+    if shift_size < 2:
+        return [0]
+    interval = (size - crop) // (shift_size - 1)
+    return [i * interval for i in range(shift_size)]
+
+
+def mmseg_window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg ``slide_flip_inference`` offsets; the last window is pulled back to end at the border."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    starts = []
+    for i in range(n):
+        end = min(i * stride + crop, size)
+        starts.append(max(end - crop, 0))
+    return starts
+
+
+def _axis_taps(in_size: int, out_size: int):
+    # Half-pixel centres (align_corners=False), negative source clamped to 0, upper tap clamped to the
+    # last pixel: torch F.interpolate(mode="bilinear", align_corners=False, antialias=False) and cv2
+    # INTER_LINEAR agree on this, for up- and down-sampling alike (neither antialiases). The source
+    # coordinate is rounded like torch's CPU kernel: float32 scale, one fused multiply-add, float32
+    # result. At x ~ 600 other roundings move the weights by up to 1e-4 (measured against torch 2.13).
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    dst = np.arange(out_size, dtype=np.float64)
+    src = np.maximum((scale * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return i0, i1, w1
+
+
+def resize_bilinear(x, size: tuple[int, int], *, axes: tuple[int, int] = (1, 2)):
+    """Bilinear resize of two axes (default: H, W of NHWC or of (B, H, W)) to ``size = (h, w)``.
+
+    Matches ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` on float input. uint8
+    input returns uint8 rounded to nearest, like cv2's fixed-point INTER_LINEAR (which can differ by 1).
+    """
+    x = jnp.asarray(x)
+    is_uint8 = x.dtype == jnp.uint8
+    y = x.astype(jnp.float32) if is_uint8 or not jnp.issubdtype(x.dtype, jnp.floating) else x
+    for axis, out in zip(axes, size, strict=True):
+        in_size = y.shape[axis]
+        if in_size == out:
+            continue
+        i0, i1, w1 = _axis_taps(in_size, out)
+        shape = [1] * y.ndim
+        shape[axis] = out
+        w1 = jnp.asarray(w1, y.dtype).reshape(shape)
+        y = jnp.take(y, i0, axis=axis) * (1 - w1) + jnp.take(y, i1, axis=axis) * w1
+    if is_uint8:
+        y = jnp.clip(jnp.round(y), 0, 255).astype(jnp.uint8)
+    return y
+
+
+def mmcv_rescale_size(hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep_ratio: the (h, w) that fits long/short edges in ``scale``."""
+    h, w = hw
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def _flip_averaged(predict_fn: PredictFn, window, class_ids, flip: bool):
+    if not flip:
+        return predict_fn(window, class_ids)
+    b = window.shape[0]
+    both = predict_fn(jnp.concatenate([window, window[:, :, ::-1]], 0), jnp.concatenate([class_ids, class_ids], 0))
+    return (both[:b] + both[b:, :, ::-1]) / 2.0
+
+
+def slide_flip_predict(
+    predict_fn: PredictFn,
+    images,
+    class_ids,
+    *,
+    crop: tuple[int, int],
+    y_starts: Sequence[int],
+    x_starts: Sequence[int],
+    flip: bool = True,
+):
+    """Windows at every (y, x) start, each flip-averaged, summed into a canvas and divided by overlap."""
+    images = jnp.asarray(images)
+    class_ids = jnp.asarray(class_ids)
+    b, h, w = images.shape[:3]
+    ch, cw = crop
+    canvas = None
+    count = np.zeros((h, w), np.float32)
+    for y in y_starts:
+        for x in x_starts:
+            pred = _flip_averaged(predict_fn, images[:, y : y + ch, x : x + cw], class_ids, flip)
+            pred = pred.astype(jnp.float32)
+            if canvas is None:
+                canvas = jnp.zeros((b, h, w), jnp.float32)
+            canvas = canvas.at[:, y : y + ch, x : x + cw].add(pred)
+            count[y : y + ch, x : x + cw] += 1
+    if (count == 0).any():
+        raise ValueError("the windows do not cover the image")
+    return canvas / jnp.asarray(count)
+
+
+def official_tta(
+    predict_fn: PredictFn,
+    images,
+    class_ids,
+    *,
+    shift_window: bool = True,
+    shift_size: int = 2,
+    flip: bool = True,
+):
+    """Official VPD test: windows as wide as the image is high (480) at the shift offsets, flip-averaged.
+
+    With ``shift_window=False`` the whole image is predicted at once (optionally flip-averaged).
+    """
+    h, w = jnp.shape(images)[1:3]
+    if not shift_window:
+        return slide_flip_predict(predict_fn, images, class_ids, crop=(h, w), y_starts=[0], x_starts=[0], flip=flip)
+    if w < h:
+        raise ValueError(f"shift-window test expects a landscape image, got {h}x{w}")
+    xs = official_window_starts(w, h, shift_size)
+    return slide_flip_predict(predict_fn, images, class_ids, crop=(h, h), y_starts=[0], x_starts=xs, flip=flip)
+
+
+def mmseg_slide_flip(
+    predict_fn: PredictFn,
+    images,
+    class_ids,
+    *,
+    crop: tuple[int, int] = (480, 480),
+    stride: tuple[int, int] = (160, 160),
+    flip: bool = True,
+):
+    """mmseg ``test_cfg=dict(mode='slide_flip', crop_size=crop, stride=stride)`` on the given images."""
+    h, w = jnp.shape(images)[1:3]
+    ys = mmseg_window_starts(h, crop[0], stride[0])
+    xs = mmseg_window_starts(w, crop[1], stride[1])
+    crop = (min(crop[0], h), min(crop[1], w))  # mmseg runs smaller images as one undersized window
+    return slide_flip_predict(predict_fn, images, class_ids, crop=crop, y_starts=ys, x_starts=xs, flip=flip)
+
+
+def mmseg_512_tta(
+    predict_fn: PredictFn,
+    images,
+    class_ids,
+    *,
+    scale: tuple[int, int] = (2048, 512),
+    crop: int = 512,
+    stride: int = 128,
+    flip: bool = True,
+):
+    """mmseg 512 recipe: resize (keep ratio) -> slide_flip 512/128 -> bilinear back to the input size."""
+    h, w = jnp.shape(images)[1:3]
+    resized = resize_bilinear(images, mmcv_rescale_size((h, w), scale))
+    pred = mmseg_slide_flip(predict_fn, resized, class_ids, crop=(crop, crop), stride=(stride, stride), flip=flip)
+    return resize_bilinear(pred, (h, w))
