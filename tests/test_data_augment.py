@@ -4,6 +4,7 @@ crop, the 512 recipe's random resize, and determinism given a seed."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -113,15 +114,30 @@ def test_cutdepth_official_strip_and_uint8_wrap():
     assert (out[0, 8:8 + width] == 9999 % 256).all()
     assert (out[:, :8] == 7).all() and (out[:, 8 + width:] == 7).all()
     assert (out[..., 0] == out[..., 2]).all()
-    # The numpy cast the reference performs gives the same bytes for these millimetre values.
+    # The reference's own statement (float32 millimetres assigned into the uint8 image) gives the same bytes.
     mm = np.round(depth * 1000).astype(np.float32)
     ref = image.copy()
-    for c in range(3):
-        ref[:, left:left + width, c] = mm[:, left:left + width].astype(np.int64).astype(np.uint8)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in range(3):
+            ref[:, left:left + width, c] = mm[:, left:left + width]
     np.testing.assert_array_equal(out, ref)
     scaled = ag.apply_cutdepth(image, depth, left, width, uint8_wrap=False, max_depth=10.0)
     assert scaled[1, 8, 0] == int(1.234 / 10 * 255 + 0.5) and scaled[0, 8, 0] == 255
     assert ag.cutdepth_strip_official(40, 0.999, 0.0) == (39, 1)  # width is at least 1
+
+
+def test_uint8_wrap_for_every_millimetre_value():
+    """Stored depth is float32 metres (mm / 1000); the strip must still be the reference's byte of the integer
+    millimetre value it read from the PNG, for every value a uint16 depth PNG of NYU can hold."""
+    mm = np.arange(0, 20001, dtype=np.uint16)
+    stored = mm.astype(np.float32) / np.float32(1000.0)  # how sources.py stores it
+    ours = ag.depth_to_strip(stored[None], True, 10.0)[0]
+    ref = np.zeros(mm.shape, np.uint8)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref[:] = mm.astype(np.float32)  # the reference: float32 mm into a uint8 array
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_cutdepth_mmseg_strip():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vpd_jax import scenes
-from vpd_jax.data import loader, prepare, sources
+from vpd_jax.data import catalog, loader, prepare, sources
 from vpd_jax.data import testing as dt
 
 H, W = 48, 64
@@ -244,3 +244,19 @@ def test_official_lists_parse_and_resolve_classes(reference_dir, tmp_path):
     assert len(items) == 654
     with pytest.raises(sources.BadInput, match=r"nyu_test_list.txt:1: image .*bathroom/rgb_00045.jpg does not"):
         items[0].load()
+
+
+def test_bts_train_with_mat_test_split(bts, tmp_path, capsys):
+    _, sync, pairs, _ = bts
+    dt.write_labeled_mat(str(tmp_path / "labeled.mat"), ["bedroom", "bathroom", "kitchen"], seed=1)
+    dt.write_splits(str(tmp_path / "splits.mat"), train_idx=[1], test_idx=[0, 2])
+    data = tmp_path / "data"
+    assert prepare.main(["--source", "bts", "--bts_dir", str(sync), "--mat", str(tmp_path / "labeled.mat"),
+                         "--splits", str(tmp_path / "splits.mat"), "--data_dir", str(data),
+                         "--image_size", "any"]) == 0
+    assert "train 6, test 2 examples" in capsys.readouterr().out
+    test = _read_all(str(data), "nyu_vpd/bts", "test")
+    assert [r["file_name"].decode() for r in test] == ["bedroom/rgb_00000.jpg", "kitchen/rgb_00002.jpg"]
+    assert catalog.prepared_datasets(str(data)) == {"nyu_vpd/bts": ["train", "test"]}
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--source", "bts", "--bts_dir", "x", "--mat", "m", "--data_dir", "d"])

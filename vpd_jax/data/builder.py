@@ -133,6 +133,14 @@ def builder_class():
     return _BUILDER_CLS
 
 
+def _quiet_stdout():
+    # TFDS prints "Dataset ... prepared to <staging dir>"; the staging path is not where the data ends up.
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def _quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -170,7 +178,8 @@ def build_nyu_vpd(data_dir: str, source: str, split_items: dict[str, Callable[[]
         builder = builder_class()(config=source, data_dir=staging, file_format="array_record",
                                   split_items=split_items, split_sizes=split_sizes, report=report)
         try:
-            builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+            with _quiet_stdout():
+                builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
         except BadInput as e:
             raise StrictStop(str(e)) from None
         rel = os.path.join(NAME, source, VERSION)
@@ -216,7 +225,8 @@ def build_stock_nyu_depth_v2(data_dir: str, extracted_dir: str) -> str:
     staging = os.path.join(data_dir, f".staging-{STOCK_NAME}-{uuid.uuid4().hex[:8]}")
     try:
         builder = LocalNyuDepthV2(data_dir=staging, file_format="array_record")
-        builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+        with _quiet_stdout():
+            builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
         _publish(staging, data_dir, os.path.join(STOCK_NAME, STOCK_VERSION))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

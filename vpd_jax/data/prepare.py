@@ -128,6 +128,10 @@ def split_plan(args) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from absl import logging
+
+    # TFDS' INFO lines name the staging directory, which would only confuse; our bars and summary say it all.
+    logging.set_verbosity(logging.WARNING)
     try:
         if args.source == "fastdepth":
             path = builder.build_stock_nyu_depth_v2(args.data_dir, args.fastdepth_dir)
