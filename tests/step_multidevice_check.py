@@ -76,7 +76,11 @@ def run(mesh, *, num_microbatches=1, group_size=2, steps=2, batch_size=16, bn_re
     )
     metrics = []
     for i in range(steps):
-        batch = parallel.shard_batch(make_batch(batch_size, seed=i), mesh)
+        batch = make_batch(batch_size, seed=i)
+        if mesh.is_multi_process:  # each process feeds only its own rows, in process order
+            per = batch_size // jax.process_count()
+            batch = jax.tree.map(lambda x: x[jax.process_index() * per : (jax.process_index() + 1) * per], batch)
+        batch = parallel.shard_batch(batch, mesh)
         state, m = train_step(state, batch)
         metrics.append(jax.device_get(m))
     return jax.device_get(state.params), jax.device_get(state.batch_stats), metrics, state, shardings

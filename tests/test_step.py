@@ -113,3 +113,22 @@ def test_sharded_step_equals_single_device_on_8_cpu_devices():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] and set(result["max_abs_diff"]) == {"8x1", "2x4", "1x8", "2x4_accum4"}
+
+
+def test_two_processes_on_localhost_match_one_device():
+    """jax.distributed over 2 local processes (2 CPU devices each), a 2x2 mesh spanning both."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env.pop("JAX_PLATFORMS", None)
+    cmd = [sys.executable, str(HERE / "multihost_check.py"), f"localhost:{port}"]
+    procs = [subprocess.Popen([*cmd, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["ok"]

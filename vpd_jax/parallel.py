@@ -132,16 +132,15 @@ def num_batch_shards(mesh: Mesh) -> int:
 def shard_batch(batch, mesh: Mesh):
     """Host arrays -> global arrays split on the batch axis.
 
-    With one process ``batch`` is the global batch. With several, each process passes only its own rows
-    (global batch / process count, in process order) and jax assembles the global array without copying
-    data between hosts.
+    When the mesh lives in this process alone, ``batch`` is the global batch. When it spans several
+    processes, each passes only its own rows (global batch / number of processes in the mesh, in process
+    order) and jax assembles the global array without copying data between hosts.
     """
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
+    if not mesh.is_multi_process:
         return jax.device_put(batch, sharding)
+    n_proc = len({d.process_index for d in mesh.devices.flat})
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            sharding, np.asarray(x), (x.shape[0] * jax.process_count(), *x.shape[1:])
-        ),
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (x.shape[0] * n_proc, *x.shape[1:])),
         batch,
     )
