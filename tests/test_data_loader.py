@@ -205,3 +205,16 @@ def test_reading_imports_no_tensorflow_and_the_package_imports_nothing_heavy(dat
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_tfrecord_build_is_refused_with_the_conversion_command(data_dir, tmp_path):
+    import shutil
+
+    src = os.path.join(data_dir, "nyu_vpd/synthetic/1.0.0")
+    dst = tmp_path / "nyu_vpd/synthetic/1.0.0"
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "dataset_info.json").read_text())
+    info["fileFormat"] = "tfrecord"
+    (dst / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(catalog.DatasetNotFoundError, match="stored as tfrecord.*tfds convert_format"):
+        loader.make_eval_loader(str(tmp_path), dataset=DS, batch_size=1)

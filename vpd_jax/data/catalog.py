@@ -34,10 +34,13 @@ def dataset_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, DATASETS[name]["path"])
 
 
-def _splits(path: str) -> list[str]:
+def _info(path: str) -> dict:
     with open(os.path.join(path, "dataset_info.json")) as f:
-        info = json.load(f)
-    return [s["name"] for s in info.get("splits", [])]
+        return json.load(f)
+
+
+def _splits(path: str) -> list[str]:
+    return [s["name"] for s in _info(path).get("splits", [])]
 
 
 def prepared_datasets(data_dir: str) -> dict[str, list[str]]:
@@ -64,6 +67,12 @@ def require(data_dir: str, name: str, split: str) -> tuple[str, str]:
         have = prepared_datasets(data_dir)
         have_s = f" (prepared there: {', '.join(have)})" if have else ""
         raise DatasetNotFoundError(f"no prepared dataset {name!r} under {data_dir}{have_s}; run {hint}")
+    fmt = _info(path).get("fileFormat", "tfrecord")  # TFDS omits the field for its default, tfrecord
+    if fmt != "array_record":
+        raise DatasetNotFoundError(
+            f"dataset {name!r} under {data_dir} is stored as {fmt}, but the grain loaders read array_record; "
+            f"convert it with: tfds convert_format --dataset_version_dir {path} --out_file_format array_record "
+            f"--out_dir NEW_DIR/{DATASETS[name]['path']} (then use data_dir NEW_DIR), or run {hint}")
     tfds_split = resolve_split(name, split)
     splits = _splits(path)
     if tfds_split not in splits:
