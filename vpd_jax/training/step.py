@@ -156,17 +156,18 @@ def make_train_step(
         def constrain_like_params(tree):
             return jax.lax.with_sharding_constraint(tree, state_shardings.params)
 
-        def reduce_bs(new_bs):
+        def combine_bs(new_bs):
+            # "mean": a sum here, divided by the number of groups at the end; "first": group 0 only.
             if bn_reduce == "first":
                 return jax.tree.map(lambda x: x[0], new_bs)
-            return jax.tree.map(lambda x: jnp.mean(x, axis=0), new_bs)
+            return jax.tree.map(lambda x: jnp.sum(x, axis=0), new_bs)
 
         def summarise(out, grads):
             (_, (losses, new_bs, aux)) = out
             return {
                 "grads": constrain_like_params(grads),
                 "loss": jnp.sum(losses),
-                "bs": jax.tree.map(lambda x: jnp.sum(x, axis=0), new_bs) if bn_reduce == "mean" else reduce_bs(new_bs),
+                "bs": combine_bs(new_bs),
                 "aux": jax.tree.map(lambda x: jnp.sum(x, axis=0), aux),
             }
 
