@@ -260,3 +260,15 @@ def test_bts_train_with_mat_test_split(bts, tmp_path, capsys):
     assert catalog.prepared_datasets(str(data)) == {"nyu_vpd/bts": ["train", "test"]}
     with pytest.raises(SystemExit):
         prepare.parse_args(["--source", "bts", "--bts_dir", "x", "--mat", "m", "--data_dir", "d"])
+
+
+def test_a_split_with_no_usable_pairs_fails_without_writing(tmp_path, capsys):
+    sync = tmp_path / "sync"
+    pairs = dt.write_bts_tree(str(sync), 2, H, W, seed=2)
+    for _, dep in pairs:
+        (sync / dep).unlink()
+    assert prepare.main(["--source", "bts", "--bts_dir", str(sync), "--data_dir", str(tmp_path / "d"),
+                         "--image_size", "any"]) == 1
+    err = capsys.readouterr().err
+    assert "error: split 'train' has no usable image/depth pairs (2 skipped)" in err
+    assert not (tmp_path / "d" / "nyu_vpd").exists()

@@ -56,6 +56,10 @@ class StrictStop(RuntimeError):
     """A bad pair under ``--strict``; nothing under ``data_dir`` was changed."""
 
 
+class EmptySplit(ValueError):
+    """Every pair of a split was bad (or it had none); nothing under ``data_dir`` was changed."""
+
+
 def _define_builders():
     """Creates the TFDS builder classes on first use (the import of tfds is deferred until then)."""
     import tensorflow_datasets as tfds
@@ -118,7 +122,8 @@ def _define_builders():
                 yield item.name, ex
             self._report.written[split] = written
             if written == 0:
-                raise BadInput(f"split {split!r}: no usable image/depth pairs")
+                raise EmptySplit(f"split {split!r} has no usable image/depth pairs "
+                                 f"({len(self._report.skipped)} skipped); nothing was written")
 
     return NyuVpd
 
