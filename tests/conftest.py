@@ -8,6 +8,8 @@ import pathlib
 # Must be set before jax initialises its backends.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# transformers would import TensorFlow on first use (seconds per session) although we only use its torch side.
+os.environ.setdefault("USE_TF", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
