@@ -132,3 +132,13 @@ def test_two_processes_on_localhost_match_one_device():
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-3000:] + err[-3000:]
         assert json.loads(out.strip().splitlines()[-1])["ok"]
+
+
+def test_state_from_given_variables(mesh1):
+    tx = O.adamw(1e-3)
+    with jax.threefry_partitionable(False):
+        variables = jax.device_get(jax.jit(toy.init_fn)(jax.random.PRNGKey(3)))
+        state, shardings = step.create_train_state_from_variables(variables, tx, mesh1, 7)
+    assert toy.max_abs_diff(state.params, variables["params"]) == 0
+    assert toy.max_abs_diff(state.batch_stats, variables["batch_stats"]) == 0
+    assert int(state.step) == 0 and jax.tree.structure(state) == jax.tree.structure(shardings)

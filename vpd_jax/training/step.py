@@ -90,6 +90,40 @@ def create_train_state(
     return state, shardings
 
 
+def create_train_state_from_variables(
+    variables,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng,
+    *,
+    fsdp_min_size: int = parallel.DEFAULT_FSDP_MIN_SIZE,
+) -> tuple[TrainState, TrainState]:
+    """Like ``create_train_state`` for given weights (e.g. converted SD/VPD checkpoints, host numpy arrays).
+
+    Each array is placed directly into its sharding (never whole on one device when ``fsdp > 1``); the
+    optimizer state is then created on the devices, in its shardings.
+    """
+
+    def _init(variables, key):
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=key,
+        )
+
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    key = _raw_key(rng)
+    abstract = jax.eval_shape(_init, variables, key)
+    shardings = parallel.state_shardings(abstract, mesh, fsdp_min_size)
+    placed = jax.device_put(variables, {"params": shardings.params, "batch_stats": shardings.batch_stats})
+    # Donated so the weights are aliased into the state rather than copied (twice the memory otherwise).
+    state = jax.jit(_init, out_shardings=shardings, donate_argnums=(0,))(placed, key)
+    return state, shardings
+
+
 def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
