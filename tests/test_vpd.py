@@ -28,16 +28,17 @@ from vpd_jax.weights.common import flatten  # noqa: E402
 from vpd_jax.weights.vpd_checkpoint import convert_state_dict  # noqa: E402
 
 TOL = 1e-4
-# SD-1.5's structure at toy widths: 4 levels, cross-attention in the first three, 2 layers per block.
+# SD-1.5's structure (so the same CompVis key names) at toy widths: 4 levels, cross-attention in the first
+# three, 2 layers per block, widths growing where SD's do.
 TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     attention_head_dim=2, cross_attention_dim=32, norm_num_groups=32,
 )
-# A x8 VAE as SD's (4 levels), one layer per block.
+# SD's x8 VAE structure (4 levels, 2 layers, a shortcut conv where the width grows) at toy widths.
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+    in_channels=3, out_channels=3, block_out_channels=(16, 32, 64, 64), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
 )
 TEXT_DIM, NECK, FILTERS, DEC, NUM_CLASSES = 32, 32, (8, 8, 8), 16, 27

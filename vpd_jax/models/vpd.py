@@ -134,10 +134,10 @@ class VPDConfig:
 
     @classmethod
     def tiny(cls, **kw) -> VPDConfig:
-        """A few-hundred-thousand-parameter model of the same structure, for tests and smoke runs on CPU."""
-        unet = UNetConfig(block_out_channels=(32, 32, 64, 64), attention_head_dim=2, cross_attention_dim=32,
+        """SD-1.5's exact block structure (same CompVis key names) at toy widths, for tests and CPU smoke runs."""
+        unet = UNetConfig(block_out_channels=(32, 64, 128, 128), attention_head_dim=2, cross_attention_dim=32,
                           norm_num_groups=32)
-        vae = VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=16)
+        vae = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=16)
         base = dict(text_dim=32, neck_features=32, deconv_filters=(8, 8, 8), decoder_features=16, unet=unet,
                     vae=vae)
         base.update(kw)

@@ -387,7 +387,7 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike) -> pathlib.Path
         "source": {"file": conv.source, "format": conv.format,
                    # the filename-to-class rule that the source repo trained with (VPD_SPEC §2.2)
                    "class_rule": conv.format,
-                   "skipped": _summarise_skipped(conv.skipped)},
+                   "skipped": summarise_skipped(conv.skipped)},
     }
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(out / VARIABLES_DIR, conv.variables)
@@ -396,7 +396,7 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike) -> pathlib.Path
     return out
 
 
-def _summarise_skipped(skipped: Mapping[str, str]) -> dict[str, int]:
+def summarise_skipped(skipped: Mapping[str, str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for why in skipped.values():
         counts[why] = counts.get(why, 0) + 1
@@ -435,9 +435,12 @@ def load_vpd_checkpoint(path: str | os.PathLike, config: Any = None, fmt: str = 
 
         meta = read_converted_meta(p)
         cfg = VPDConfig.from_dict(meta["config"])
+        # The model's own shapes as the target: a checkpoint of another architecture fails here, by leaf.
         target = abstract_variables(VPDDepth(cfg))
-        target = _tree_map(lambda s: np.zeros(s.shape, s.dtype), target)
-        variables = ocp.StandardCheckpointer().restore(p.resolve() / VARIABLES_DIR, target)
+        try:
+            variables = ocp.StandardCheckpointer().restore(p.resolve() / VARIABLES_DIR, target)
+        except (ValueError, KeyError) as e:
+            raise WeightsError(f"{p}: {VARIABLES_DIR}/ does not fit the model of its {CONFIG_FILE} ({e})") from None
         variables = _tree_map(np.asarray, variables)
     elif p.is_file():
         conv = convert_file(p, config, fmt)

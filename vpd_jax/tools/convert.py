@@ -1,0 +1,78 @@
+"""Convert a released PyTorch VPD depth checkpoint into an orbax checkpoint of ``VPDDepth``.
+
+    python -m vpd_jax.tools.convert vpd_depth_480x480.pth --out ckpt/vpd_official
+    python -m vpd_jax.tools.convert vpd_sd_4xb8-25k_nyu-480x480_20230908-66144bc4.pth --out ckpt/vpd_mmseg
+
+Reads the official (``{'model': ...}``) or the mmsegmentation (``{'state_dict': ...}``) checkpoint with
+``torch.load(weights_only=True)`` (``--format auto`` tells them apart by their key names), maps every tensor
+(VPD_SPEC §7), and writes ``OUT/config.json`` and ``OUT/variables/`` (params, batch_stats, the class-embedding
+table). A tensor that maps nowhere fails the conversion, naming it; the knowingly skipped ones (VAE decoder,
+``post_quant_conv``, the UNet's ``out``, BN step counters) are counted in the summary and in config.json.
+``config.json`` also records the filename-to-class rule of the repo that trained the weights.
+
+The architecture is read off the tensors (an SD 1.x UNet: 8 heads for a 768-wide context). For anything else,
+pass ``--config FILE.json`` holding a ``VPDConfig.to_dict()``. ``eval.py``/inference can also read the
+``.pth`` directly (``vpd_jax.weights.vpd_checkpoint.load_vpd_checkpoint``); converting once saves the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from vpd_jax.weights.common import WeightsError, flatten
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpd_jax.tools.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="official or mmseg VPD depth checkpoint (.pth/.ckpt/.safetensors)")
+    parser.add_argument("--out", required=True, help="output folder (must not hold a converted checkpoint yet)")
+    parser.add_argument("--format", choices=("auto", "official", "mmseg"), default="auto",
+                        help="checkpoint layout (default: detected from the key names)")
+    parser.add_argument("--config", help="JSON file with a VPDConfig dict, for a non-SD-1.5 architecture")
+    parser.add_argument("--max-depth", type=float, default=None,
+                        help="depth range of the sigmoid output in metres (default 10, the NYUv2 models')")
+    args = parser.parse_args(argv)
+
+    from vpd_jax.models.vpd import VPDConfig
+    from vpd_jax.weights import vpd_checkpoint as vc
+
+    out = pathlib.Path(args.out)
+    if (out / vc.VARIABLES_DIR).exists():
+        print(f"error: {out} already holds a converted checkpoint; choose another --out", file=sys.stderr)
+        return 2
+    config = None
+    if args.config:
+        try:
+            config = VPDConfig.from_dict(json.loads(pathlib.Path(args.config).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            print(f"error: --config {args.config}: {e}", file=sys.stderr)
+            return 2
+    t0 = time.time()
+    try:
+        conv = vc.convert_file(args.src, config, args.format)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.max_depth is not None:
+        conv.config = conv.config.replace(max_depth=args.max_depth)
+    vc.save_converted(conv, out)
+
+    n_params = sum(a.size for a in flatten(conv.variables["params"]).values())
+    table = conv.variables["constants"]["class_embeddings"]
+    print(f"read {args.src} as the {conv.format} layout")
+    print(f"  params: {n_params / 1e6:.2f} M  (unet, vae, head, text_adapter, gamma)")
+    print(f"  class embeddings: {table.shape[0]} rows x {table.shape[1]} (last row: mean, unknown scene)")
+    for why, n in sorted(vc.summarise_skipped(conv.skipped).items()):
+        print(f"  skipped {n} tensor(s): {why}")
+    print(f"  class rule of this checkpoint: {conv.format!r} (vpd_jax.scenes.class_id_for_file)")
+    print(f"wrote {out}/{vc.CONFIG_FILE} and {out}/{vc.VARIABLES_DIR}/ in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
