@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vpd_jax.models.layers import GroupNorm, LayerNorm, resize_nearest, timestep_embedding
+from vpd_jax.models.layers import GroupNorm, LayerNorm, attention, resize_nearest, timestep_embedding
 
 Dtype = Any
 
@@ -180,8 +180,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, self.heads, self.dim_head)
         k = k.reshape(b, s, self.heads, self.dim_head)
         v = v.reshape(b, s, self.heads, self.dim_head)
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5,
-                                           implementation=self.attention_impl)
+        out = attention(q, k, v, scale=self.dim_head ** -0.5, impl=self.attention_impl)
         return dense(self.query_dim, name="to_out_0")(out.reshape(b, t, inner))
 
 
@@ -394,7 +393,8 @@ class UNet2DConditionModel(nn.Module):
       config: the architecture (``UNetConfig.from_diffusers(config_json)``).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); normalisation statistics and attention softmax stay fp32.
       param_dtype: dtype of the parameters (float32 for training).
-      attention_impl: ``None`` (let JAX choose), ``"xla"`` or ``"cudnn"`` for ``jax.nn.dot_product_attention``.
+      attention_impl: ``None`` (einsum on CPU, ``jax.nn.dot_product_attention``'s choice elsewhere),
+        ``"einsum"``, ``"xla"`` or ``"cudnn"``; see ``attention``.
       remat: rematerialise each ResNet and Transformer block in the backward pass (saves activation memory).
       remat_policy: name of a ``jax.checkpoint_policies`` policy for the remat (None: save nothing).
     """

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vpd_jax.models.layers import GroupNorm
+from vpd_jax.models.layers import GroupNorm, attention
 
 Dtype = Any
 
@@ -102,7 +102,7 @@ class _AttentionBlock(nn.Module):
         q = nn.Dense(c, name="query", **kw)(y)
         k = nn.Dense(c, name="key", **kw)(y)
         v = nn.Dense(c, name="value", **kw)(y)
-        out = jax.nn.dot_product_attention(q, k, v, scale=c ** -0.5)
+        out = attention(q, k, v, scale=c ** -0.5)
         return nn.Dense(c, name="proj_attn", **kw)(out.reshape(b, h * w, c)).reshape(b, h, w, c) + x
 
 
