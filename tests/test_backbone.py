@@ -314,3 +314,24 @@ def test_remat_gives_same_gradients(loaded_unets):
     g1 = jax.jit(jax.grad(loss(module.clone(remat=True, remat_policy="nothing_saveable"))))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_einsum_on_gpu():
+    from vpd_jax.models.layers import attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4096, 8, 40)), jnp.bfloat16) for _ in range(3))
+    ref = attention(q, k, v, scale=40 ** -0.5, impl="einsum").astype(jnp.float32)
+    out = jax.jit(lambda a, b, c: attention(a, b, c, scale=40 ** -0.5, impl="cudnn"))(q, k, v).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(out - ref))) < 2e-2
+
+
+def test_attention_implementations_agree_on_cpu():
+    from vpd_jax.models.layers import attention
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 50, 2, 8)).astype(np.float32) for _ in range(3))
+    a = attention(q, k, v, scale=8 ** -0.5, impl="einsum")
+    b = attention(q, k, v, scale=8 ** -0.5, impl="xla")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="not one of"):
+        attention(q, k, v, scale=1.0, impl="flash")
