@@ -5,3 +5,14 @@ import their heavier packages lazily, so ``import vpd_jax`` works on a bare acce
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Predictor"]
+
+
+def __getattr__(name):
+    # Lazy, so that ``import vpd_jax`` stays free of jax: ``vpd_jax.Predictor`` loads the inference module.
+    if name == "Predictor":
+        from vpd_jax.inference import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'vpd_jax' has no attribute {name!r}")
