@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_head import TorchHead, TorchTextAdapter  # noqa: E402
 from test_vpd import CONFIG, TorchVPD  # noqa: E402
 
+from vpd_jax.models.vpd import VPDConfig  # noqa: E402
 from vpd_jax.tools import convert as convert_tool  # noqa: E402
 from vpd_jax.weights import diffusers as dw  # noqa: E402
 from vpd_jax.weights import vpd_checkpoint as vc  # noqa: E402
@@ -47,8 +48,9 @@ def official_conv(official_state):
     return vc.convert_state_dict(official_state, CONFIG, what="tiny official")
 
 
-def sd15_official_keys() -> set[str]:
-    """The key names of a released official checkpoint (spec §7.1), from SD-1.5-sized modules on 'meta'."""
+def sd15_official_shapes() -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of a released official checkpoint (spec §7.1), from SD-1.5-sized modules on
+    PyTorch's 'meta' device."""
     sd15_unet = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
                      cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -59,21 +61,26 @@ def sd15_official_keys() -> set[str]:
         vae = diffusers.AutoencoderKL(**sd15_vae)
         head = TorchHead((320, 640, 1280, 1280), 1536, (32, 32, 32), 192)
         adapter = TorchTextAdapter(768)
-    keys = set(head.state_dict()) | {"encoder.text_adapter." + k for k in adapter.state_dict()}
-    keys |= {"encoder.gamma", "encoder.class_embeddings"}
+    # zero-stride arrays: the right shapes at no memory cost
+    shaped = lambda sd: {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in sd.items()}  # noqa: E731
+    out = shaped(head.state_dict())
+    out.update({"encoder.text_adapter." + k: v for k, v in shaped(adapter.state_dict()).items()})
+    out["encoder.gamma"] = np.broadcast_to(np.float32(0), (768,))
+    out["encoder.class_embeddings"] = np.broadcast_to(np.float32(0), (27, 768))
     ucfg = dw.UNetConfig.from_diffusers(sd15_unet)
-    unet_keys = {k: None for k in unet.state_dict() if not k.startswith(("conv_norm_out", "conv_out"))}
-    keys |= {"encoder.unet.unet.diffusion_model." + k for k in dw.diffusers_unet_to_ldm(unet_keys, ucfg)}
-    vae_keys = {k: np.zeros((1, 1)) for k in vae.state_dict()}
-    keys |= {"encoder.encoder_vq." + k for k in dw.diffusers_vae_to_ldm(vae_keys)}
-    keys |= {"encoder.encoder_vq.post_quant_conv.weight", "encoder.encoder_vq.post_quant_conv.bias"}
-    return keys
+    unet_sd = {k: v for k, v in shaped(unet.state_dict()).items() if not k.startswith(("conv_norm_out", "conv_out"))}
+    ldm_unet = dw.diffusers_unet_to_ldm(unet_sd, ucfg)
+    out.update({"encoder.unet.unet.diffusion_model." + k: v for k, v in ldm_unet.items()})
+    vae_sd = shaped(vae.state_dict())
+    out.update({"encoder.encoder_vq." + k: v for k, v in dw.diffusers_vae_to_ldm(vae_sd).items()})
+    out.update({"encoder.encoder_vq." + k: v for k, v in vae_sd.items() if k.startswith("post_quant_conv.")})
+    return {k: tuple(np.shape(v)) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------- key coverage
 
 def test_tiny_official_checkpoint_has_every_released_key(official_state):
-    assert set(official_state) == sd15_official_keys()
+    assert set(official_state) == set(sd15_official_shapes())
     for key in [  # spot checks of spec §7.1
         "encoder.layer1.0.weight", "encoder.layer1.1.bias", "encoder.layer1.3.weight", "encoder.layer2.0.bias",
         "encoder.out_layer.0.weight", "encoder.out_layer.1.weight", "encoder.text_adapter.fc.2.bias",
@@ -141,6 +148,14 @@ def test_architecture_is_inferred_when_no_config_is_given(official_state):
     assert inferred.vae == dataclasses.replace(CONFIG.vae, norm_num_groups=32)
     assert (inferred.text_dim, inferred.neck_features, inferred.deconv_filters, inferred.decoder_features) == (
         CONFIG.text_dim, CONFIG.neck_features, CONFIG.deconv_filters, CONFIG.decoder_features)
+
+
+def test_sd15_sized_checkpoint_infers_the_default_config():
+    shapes = sd15_official_shapes()
+    assert shapes["decoder.deconv_layers.0.weight"] == (1536, 32, 2, 2)  # spec §7.1
+    assert shapes["encoder.out_layer.0.weight"] == (1536, 3520, 1, 1)
+    state = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+    assert vc.infer_config(state, "official") == VPDConfig()
 
 
 # ------------------------------------------------------------------------------------------- failures
