@@ -180,8 +180,10 @@ class VPDDepth(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
         latents = jax.lax.stop_gradient(VAEEncoder(c.vae, dtype=dt, param_dtype=pdt, name="vae")(x))
 
-        table = self.variable(CONSTANTS, "class_embeddings", jnp.zeros, (c.num_classes + 1, c.text_dim),
-                              jnp.float32)
+        # Declared lazily so that free-text inference needs no table in the variables; init always makes it.
+        if text_embeddings is None or self.is_initializing():
+            table = self.variable(CONSTANTS, "class_embeddings", jnp.zeros, (c.num_classes + 1, c.text_dim),
+                                  jnp.float32)
         if text_embeddings is not None:
             e = jnp.broadcast_to(jnp.asarray(text_embeddings, jnp.float32), (b, c.text_dim))
         else:
