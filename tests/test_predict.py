@@ -214,6 +214,21 @@ def test_scene_class_selects_its_row(ckpt_dir, predictor):
         Predictor.from_checkpoint(ckpt_dir, crop=CROP, prompt="a photo of a garage")
 
 
+def test_prompt_is_embedded_by_clip(ckpt_dir, tmp_path):
+    pytest.importorskip("transformers")
+    from test_clip import _tiny_config, _torch_text_model, _write_tokenizer
+
+    from vpd_jax.text import TextEncoder
+
+    clip = tmp_path / "clip"
+    vocab = _write_tokenizer(clip)
+    _torch_text_model(_tiny_config(vocab), seed=3).save_pretrained(clip)  # hidden size 32 = the model's text_dim
+    p = Predictor.from_checkpoint(ckpt_dir, crop=CROP, prompt="a photo of a garage", clip=clip)
+    want = TextEncoder.from_pretrained(clip).embed(["a photo of a garage"])[0]
+    np.testing.assert_allclose(p.embedding, want, rtol=1e-6)
+    assert "garage" in str(p.scene)
+
+
 def test_gray_rgba_and_float_inputs(predictor):
     rgb = rand_image(70, 90, seed=13)
     want = predictor.predict(rgb[..., :1].repeat(3, -1))
@@ -345,6 +360,26 @@ def test_import_stays_light_and_exports_predictor():
             "from vpd_jax.inference import Predictor; assert vpd_jax.Predictor is Predictor; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_workdir_uses_its_best_or_latest_converted_checkpoint(ckpt_dir, tmp_path):
+    import shutil
+
+    from vpd_jax.inference import find_in_workdir, load_model
+    from vpd_jax.weights.common import WeightsError
+
+    wd = tmp_path / "workdir"
+    for step in ("100", "300"):
+        shutil.copytree(ckpt_dir, wd / step)
+    (wd / "20").mkdir()  # a step folder that is not a converted checkpoint
+    assert find_in_workdir(wd) == wd / "300"
+    shutil.copytree(ckpt_dir, wd / "best")
+    assert find_in_workdir(wd) == wd / "best"
+    (wd / "config.json").write_text(json.dumps({"aug": {"crop_size": [96, 96]}}))
+    model, variables, crop = load_model(wd)
+    assert crop == 96 and model.config == micro_config()
+    with pytest.raises(WeightsError, match="neither"):
+        load_model(tmp_path / "workdir" / "20")
 
 
 def test_converted_meta_is_ours(ckpt_dir):

@@ -264,7 +264,9 @@ def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
     from vpd_jax.weights.vpd_checkpoint import is_converted_dir, load_vpd_checkpoint, read_converted_meta
 
     p = pathlib.Path(src).expanduser()
+    crop = None
     if p.is_dir() and not is_converted_dir(p):
+        crop = _workdir_crop(p)
         found = find_in_workdir(p)
         if found is None:
             from vpd_jax.weights.common import WeightsError
@@ -273,11 +275,24 @@ def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
                                "training workdir with a checkpoint")
         p = found
     model, variables, _, _ = load_vpd_checkpoint(p, model_overrides=model_overrides or None)
-    crop = None
     if is_converted_dir(p):
         meta = read_converted_meta(p)
-        crop = meta.get("crop") or meta.get("source", {}).get("crop")
+        crop = meta.get("crop") or meta.get("source", {}).get("crop") or crop
     return model, variables, (int(crop) if crop else None)
+
+
+def _workdir_crop(workdir: pathlib.Path) -> int | None:
+    """The training crop from a workdir's saved config (``aug.crop_size``), if it left one as JSON."""
+    import json
+
+    for name in ("config.json", "config/config.json"):
+        try:
+            cfg = json.loads((workdir / name).read_text())
+            size = cfg["aug"]["crop_size"]
+            return int(size[0] if isinstance(size, (list, tuple)) else size)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+    return None
 
 
 def find_in_workdir(workdir: pathlib.Path) -> pathlib.Path | None:
