@@ -284,3 +284,14 @@ def test_init_gives_the_documented_variables():
     filled = with_class_embeddings({"params": {}}, table)["constants"]["class_embeddings"]
     np.testing.assert_array_equal(filled[:-1], table)
     np.testing.assert_allclose(filled[-1], table.mean(0))
+
+
+def test_sd15_model_has_the_reference_parameter_counts():
+    """Spec §3: head + text adapter + gamma about 12.72 M; UNet 859.52 M with its unused ``out`` (11,524)."""
+    v = abstract_variables(VPDDepth(VPDConfig()))
+    count = lambda tree: sum(int(np.prod(s.shape)) for s in flatten(tree).values())  # noqa: E731
+    p = v["params"]
+    assert round((count(p["head"]) + count(p["text_adapter"]) + p["gamma"].size) / 1e6, 2) == 12.72
+    assert round((count(p["unet"]) + 320 * 2 + 4 * 320 * 9 + 4) / 1e6, 2) == 859.52
+    assert v["constants"]["class_embeddings"].shape == (28, 768)
+    assert count(v["batch_stats"]) == 2 * (3 * 32 + 192)
