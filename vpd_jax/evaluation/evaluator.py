@@ -1,0 +1,316 @@
+"""The evaluator shared by train-time evaluation and ``eval.py``: TTA, metrics, tables, files, pictures.
+
+``Evaluator(model, settings).evaluate(variables, loader)`` runs the configured test-time augmentation
+(``vpd_jax.evaluation.tta``) jitted once for the loader's batch shape, computes the spec §6.2 metrics per
+image (``metrics.depth_metrics``) over the valid examples and averages them over images. On several hosts
+each host predicts its block of the split and process 0 gathers all rows; every host returns the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vpd_jax.evaluation import metrics as M
+from vpd_jax.evaluation import tta as T
+
+TTA_MODES = ("official", "mmseg_slide_flip", "mmseg_512", "none")
+CROPS = ("eigen", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    tta: str = "official"  # see TTA_MODES
+    flip: bool = True  # flip-average each window
+    clamp_pred: bool = True  # official inf -> max, nan -> min before the metrics
+    crop: str = "eigen"  # Eigen crop (scaled to the image size when not 480x640) or none
+    max_images: int = 0  # 0 = all
+    num_pictures: int = 3  # (image, gt, prediction) triples returned for pictures
+
+    def __post_init__(self):
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"eval.tta {self.tta!r} is not one of {TTA_MODES}")
+        if self.crop not in CROPS:
+            raise ValueError(f"eval.crop {self.crop!r} is not one of {CROPS}")
+
+    @classmethod
+    def from_config(cls, eval_cfg) -> EvalSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(eval_cfg).items() if k in names})
+
+
+def metric_crop(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] | None:
+    """The Eigen crop for 480x640; the same fractions of the image for other sizes (the synthetic scenes)."""
+    if crop == "none":
+        return None
+    h, w = shape
+    if (h, w) == M.NYU_IMAGE_SHAPE:
+        return M.EIGEN_CROP
+    top, bottom, left, right = M.EIGEN_CROP
+    return (round(top * h / M.NYU_HEIGHT), round(bottom * h / M.NYU_HEIGHT),
+            round(left * w / M.NYU_WIDTH), round(right * w / M.NYU_WIDTH))
+
+
+def make_tta_fn(predict_fn: Callable, settings: EvalSettings) -> Callable:
+    """``(images, class_ids) -> depth`` with the configured TTA around ``predict_fn``."""
+    if settings.tta == "official":
+        return lambda im, c: T.official_tta(predict_fn, im, c, flip=settings.flip)
+    if settings.tta == "mmseg_slide_flip":
+        return lambda im, c: T.mmseg_slide_flip(predict_fn, im, c, flip=settings.flip)
+    if settings.tta == "mmseg_512":
+        return lambda im, c: T.mmseg_512_tta(predict_fn, im, c, flip=settings.flip)
+    return lambda im, c: T.official_tta(predict_fn, im, c, shift_window=False, flip=settings.flip)
+
+
+def model_predict_fn(model) -> Callable:
+    """``(variables, images, class_ids) -> depth`` of a ``VPDDepth`` in eval mode, jit-traceable."""
+    def predict(variables, images, class_ids):
+        return model.apply(variables, images, class_ids, train=False)
+    return predict
+
+
+def save_depth_png(path: str, depth_m: np.ndarray) -> None:
+    """16-bit PNG of depth x1000 (millimetres), like the official released predictions."""
+    import cv2
+
+    mm = np.clip(np.round(np.asarray(depth_m, np.float64) * 1000.0), 0, 65535).astype(np.uint16)
+    if not cv2.imwrite(path, mm):
+        raise OSError(f"could not write {path}")
+
+
+def _png_name(file_name: str, index: int) -> str:
+    base = file_name.strip("/").replace("/", "_") if file_name else f"{index:05d}"
+    return os.path.splitext(base)[0] + ".png"
+
+
+class Evaluator:
+    """``model=None`` evaluates only ``predict=`` callables (baselines) through the same pipeline."""
+
+    def __init__(self, model, settings: EvalSettings = EvalSettings(), mesh=None):
+        self.model = model
+        self.settings = settings
+        self.mesh = mesh
+        if model is None:
+            return
+        predict = model_predict_fn(model)
+
+        def run(variables, images, class_ids):
+            return make_tta_fn(lambda im, c: predict(variables, im, c), settings)(images, class_ids)
+
+        self._run = jax.jit(run)
+
+    def _put(self, x):
+        from vpd_jax import parallel
+
+        if self.mesh is None:
+            return x
+        n = parallel.num_batch_shards(self.mesh)
+        if self.mesh.is_multi_process or x.shape[0] % n == 0:
+            return parallel.shard_batch(x, self.mesh)
+        return jax.device_put(x, parallel.replicated(self.mesh))
+
+    def predict_batch(self, variables, images: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+        pred = self._run(variables, self._put(images), self._put(class_ids))
+        if self.mesh is not None and self.mesh.is_multi_process:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(pred, tiled=True))
+        return np.asarray(jax.device_get(pred))
+
+    def evaluate(self, variables, loader: Iterable[dict], *, predict: Callable | None = None,
+                 save_predictions: str | None = None, progress: bool = True, desc: str = "eval") -> dict:
+        """Metrics over the loader's valid examples: ``{"metrics": {...}, "num_images", "seconds", "pictures"}``.
+
+        ``predict(images, class_ids) -> depth`` replaces the model (e.g. a constant baseline), same pipeline.
+        """
+        s = self.settings
+        acc = M.MetricAccumulator()
+        pictures: list[dict] = []
+        multi = self.mesh is not None and self.mesh.is_multi_process
+        if save_predictions:
+            os.makedirs(save_predictions, exist_ok=True)
+        t0 = time.perf_counter()
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = None
+        if progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+        batch_size = None
+        index = 0
+        for batch in loader:
+            images, class_ids = np.asarray(batch["image"]), np.asarray(batch["class_id"], np.int32)
+            gt, valid = np.asarray(batch["depth"]), np.asarray(batch["valid"], bool)
+            names = list(batch.get("file_name", [""] * len(images)))
+            batch_size = batch_size or len(images)
+            if len(images) < batch_size:  # the last batch: pad so the jitted TTA never recompiles
+                pad = batch_size - len(images)
+                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+                class_ids = np.concatenate([class_ids, np.full((pad,), -1, np.int32)])
+            if predict is not None:
+                pred = np.asarray(predict(images, class_ids))
+            else:
+                pred = self.predict_batch(variables, images, class_ids)
+            if multi:
+                from jax.experimental import multihost_utils
+
+                gt = np.asarray(multihost_utils.process_allgather(gt))
+                gt = gt.reshape(-1, *gt.shape[2:])
+                valid = np.asarray(multihost_utils.process_allgather(valid)).reshape(-1)
+                names = [""] * len(valid)
+            pred = pred[: len(gt)]
+            crop = metric_crop(gt.shape[1:], s.crop)
+            if jax.process_index() == 0:
+                for i in np.flatnonzero(valid):
+                    if s.max_images and acc.count >= s.max_images:
+                        break
+                    acc.add(M.depth_metrics(pred[i], gt[i], clamp_pred=s.clamp_pred, crop=crop))
+                    if len(pictures) < s.num_pictures and not multi:
+                        pictures.append({"image": images[i], "gt": gt[i], "pred": pred[i]})
+                    if save_predictions:
+                        save_depth_png(os.path.join(save_predictions, _png_name(names[i], index + i)), pred[i])
+            index += len(gt)
+            if bar is not None:
+                bar.update(1)
+            if s.max_images and acc.count >= s.max_images:
+                break
+        if bar is not None:
+            bar.close()
+        result = {"metrics": acc.result(), "num_images": acc.count, "seconds": time.perf_counter() - t0,
+                  "pictures": pictures}
+        if multi:
+            from jax.experimental import multihost_utils
+
+            vec = np.asarray([result["metrics"][k] for k in M.METRIC_NAMES] + [acc.count], np.float64)
+            vec = np.asarray(multihost_utils.broadcast_one_to_all(vec))
+            result["metrics"] = dict(zip(M.METRIC_NAMES, map(float, vec[:-1]), strict=True))
+            result["num_images"] = int(vec[-1])
+        return result
+
+
+def format_table(rows: dict[str, dict[str, float]], names=M.METRIC_NAMES) -> str:
+    """A console table: one row per entry of ``rows`` (``{label: metrics}``), one column per metric."""
+    label_w = max(8, *(len(k) for k in rows))
+    head = f"{'':<{label_w}} " + " ".join(f"{n:>9}" for n in names)
+    lines = [head, "-" * len(head)]
+    for label, m in rows.items():
+        lines.append(f"{label:<{label_w}} " + " ".join(
+            f"{m.get(n, math.nan):>9.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def colorize(depth: np.ndarray, vmin: float, vmax: float, cmap: str = "magma_r") -> np.ndarray:
+    """uint8 RGB of a depth map (matplotlib colormap, imported lazily); invalid (<= 0) pixels black."""
+    import matplotlib
+
+    d = np.asarray(depth, np.float32)
+    x = np.clip((d - vmin) / max(vmax - vmin, 1e-6), 0, 1)
+    rgb = (matplotlib.colormaps[cmap](x)[..., :3] * 255).astype(np.uint8)
+    rgb[~(d > 0)] = 0
+    return rgb
+
+
+def picture_row(pic: dict) -> np.ndarray:
+    """image | ground truth | prediction side by side (uint8 RGB), both depths on the GT's range."""
+    gt, pred = pic["gt"], pic["pred"]
+    valid = gt > 0
+    vmin = float(gt[valid].min()) if valid.any() else 0.0
+    vmax = float(gt[valid].max()) if valid.any() else 10.0
+    return np.concatenate([np.asarray(pic["image"], np.uint8), colorize(gt, vmin, vmax),
+                           colorize(np.where(pred > 0, pred, 1e-6), vmin, vmax)], axis=1)
+
+
+def picture_grid(pictures: list[dict]) -> np.ndarray:
+    return np.concatenate([picture_row(p) for p in pictures], axis=0)
+
+
+def save_picture(path: str, pictures: list[dict]) -> None:
+    import cv2
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cv2.imwrite(path, picture_grid(pictures)[..., ::-1])
+
+
+# ---------------------------------------------------------------------------------------------- eval.py
+def load_for_eval(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None):
+    """``(model, variables, source description)`` for ``eval.py``: a training workdir or a checkpoint file/dir."""
+    from vpd_jax.models.vpd import VPDDepth, abstract_variables
+    from vpd_jax.training import checkpoint as C
+    from vpd_jax.training import trainer
+
+    if (workdir is None) == (checkpoint is None):
+        raise trainer.ConfigError("give exactly one of --workdir and --checkpoint")
+    if checkpoint is not None:
+        from vpd_jax.weights.vpd_checkpoint import load_vpd_checkpoint
+
+        overrides = {"dtype": cfg.model.dtype, "attention_impl": cfg.model.attention_impl or None}
+        model, variables, _, _ = load_vpd_checkpoint(checkpoint, model_overrides=overrides)
+        if cfg.class_embeddings:
+            variables = {**variables, "constants": trainer.class_table(cfg, abstract_variables(model)["constants"])}
+        return model, variables, checkpoint
+    model = VPDDepth(trainer.model_config(cfg))
+    abstract = abstract_variables(model)
+    if which == "best":
+        variables, _, step = C.restore_best(workdir, abstract)
+        return model, variables, f"{workdir} (best, step {step})"
+    from vpd_jax import parallel
+
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    tx, _, _ = trainer.build_optimizer(cfg)
+    abstract_state, _ = trainer.abstract_train_state(abstract, tx, mesh)
+    ck = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        if ck.latest_step() is None:
+            raise C.CheckpointError(f"no checkpoint in {ck.latest.directory}")
+        state, constants, _, _ = ck.restore(abstract_state, abstract["constants"])
+    finally:
+        ck.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats, "constants": constants}
+    return model, variables, f"{workdir} (latest, step {int(state.step)})"
+
+
+def evaluate_main(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None,
+                  save_predictions: str | None = None, output: str | None = None, progress: bool = True) -> dict:
+    """Everything ``eval.py`` does; returns ``{"metrics", "num_images", ...}`` and writes the JSON."""
+    from vpd_jax import parallel
+    from vpd_jax.data.loader import make_eval_loader
+
+    settings = EvalSettings.from_config(cfg.eval)
+    loader = make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split, batch_size=cfg.eval.batch_size,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              class_rule=cfg.class_rule)
+    model, variables, source = load_for_eval(cfg, workdir=workdir, which=which, checkpoint=checkpoint)
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    variables = jax.device_put(variables, parallel.replicated(mesh)) if not mesh.is_multi_process else variables
+    ev = Evaluator(model, settings, mesh)
+    res = ev.evaluate(variables, loader, save_predictions=save_predictions, progress=progress)
+    m = res["metrics"]
+    if jax.process_index() == 0:
+        print(f"{source}: {res['num_images']} images of {cfg.dataset}/{cfg.test_split}, TTA {settings.tta}"
+              f"{' + flip' if settings.flip else ''}, {res['seconds']:.1f}s")
+        print(format_table({"test": m}), flush=True)
+        if output is None:
+            output = os.path.join(workdir, f"eval_{which}.json") if workdir else "eval.json"
+        write_json(output, {"source": source, "dataset": cfg.dataset, "split": cfg.test_split,
+                            "num_images": res["num_images"], "tta": settings.tta, "flip": settings.flip,
+                            "metrics": m})
+        print(f"wrote {output}" + (f" and {res['num_images']} PNGs to {save_predictions}" if save_predictions else ""))
+    res["source"] = source
+    return res

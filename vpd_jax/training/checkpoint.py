@@ -1,0 +1,145 @@
+"""Training checkpoints with orbax: the full train state + the data iterator, and the best weights apart.
+
+Layout of a workdir::
+
+    workdir/checkpoints/<step>/  state (params, batch_stats, opt_state, step, rng), constants (class table),
+                                 data (loader state JSON),
+                                 meta (config, metrics)           -- the last ``keep`` of them
+    workdir/best/<step>/         model (params, batch_stats, constants), meta (config, metrics)
+                                 -- one: the lowest test RMSE so far (for eval.py --workdir, --which=best)
+
+Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a killed run
+leaves the previous checkpoint intact, and asynchronous when ``async_save`` (training continues while the
+arrays are written; ``wait()`` before exiting). Restoring takes the shapes and shardings of a freshly built
+abstract state, so arrays land directly in their shardings (any mesh, any number of devices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with this run (missing, or another model/optimizer)."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs carrying the shardings of ``tree`` (arrays or ShapeDtypeStructs with .sharding)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+class Checkpointer:
+    """The latest-K manager and the best-by-RMSE manager of one workdir."""
+
+    def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
+        ocp = _ocp()
+        self.workdir = os.path.abspath(workdir)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                            enable_async_checkpointing=async_save)
+        self.latest = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS), options=opts,
+                                            item_names=("state", "constants", "data", "meta"))
+        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save)
+        self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST), options=best_opts,
+                                          item_names=("model", "meta"))
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, state, constants, data_state: bytes | None, meta: dict, *, force: bool = False) -> bool:
+        ocp = _ocp()
+        step = int(jax.device_get(state.step))
+        data = {"loader": data_state.decode() if data_state else None}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), constants=ocp.args.StandardSave(constants),
+                                  data=ocp.args.JsonSave(data),
+                                  meta=ocp.args.JsonSave(_jsonable(meta)))
+        return self.latest.save(step, args=args, force=force)
+
+    def save_best(self, state, constants, meta: dict) -> None:
+        ocp = _ocp()
+        step = int(jax.device_get(state.step))
+        model = {"params": state.params, "batch_stats": state.batch_stats, "constants": constants}
+        self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                                     meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+    # ------------------------------------------------------------------------------------------ restore
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def best_meta(self) -> dict | None:
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        return dict(self.best.restore(step, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore())).meta)
+
+    def restore(self, abstract_state, abstract_constants, step: int | None = None):
+        """``(state, constants, data_state, meta)`` of ``step`` (default latest) in ``abstract_state``'s shardings."""
+        ocp = _ocp()
+        step = self.latest.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.latest.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                                  constants=ocp.args.StandardRestore(_abstract(abstract_constants)),
+                                  data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        try:
+            out = self.latest.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.latest.directory}/{step} does not fit this run's model/optimizer "
+                f"(another config in the same workdir?): {_short(e)}") from None
+        loader = (out.data or {}).get("loader")
+        return out.state, out.constants, (loader.encode() if loader else None), dict(out.meta or {})
+
+
+def restore_best(workdir: str, abstract_model) -> tuple[dict, dict, int]:
+    """``(variables, meta, step)`` of the best-by-RMSE weights of a training workdir.
+
+    ``abstract_model``: ``{"params", "batch_stats", "constants"}`` of ShapeDtypeStructs (or arrays).
+    """
+    ocp = _ocp()
+    root = os.path.join(os.path.abspath(workdir), BEST)
+    if not os.path.isdir(root):
+        raise CheckpointError(f"no best checkpoint in {root} (training never evaluated?); try --which=latest")
+    mgr = ocp.CheckpointManager(root, item_names=("model", "meta"))
+    step = mgr.latest_step()
+    if step is None:
+        raise CheckpointError(f"no best checkpoint in {root} (training never evaluated?); try --which=latest")
+    args = ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(abstract_model)), meta=ocp.args.JsonRestore())
+    try:
+        out = mgr.restore(step, args=args)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{root}/{step} does not fit the config's model: {_short(e)}") from None
+    return dict(out.model), dict(out.meta or {}), step
+
+
+def _short(e: Exception, limit: int = 600) -> str:
+    s = str(e).replace("\n", " ")
+    return s if len(s) <= limit else s[:limit] + " ..."
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
