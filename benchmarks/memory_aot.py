@@ -1,0 +1,106 @@
+"""XLA's per-device memory of the full SD-1.5 VPD train step at 480x480, from AOT compilation only.
+
+No weights and no device memory: shapes come from ``jax.eval_shape``, the step is lowered and compiled for
+``jax.ShapeDtypeStruct`` inputs, and ``compiled.memory_analysis()`` gives what XLA would allocate per device
+(arguments + outputs - donated aliases + temporaries). Cases: per-device batch x fp32/bf16 x remat x fsdp.
+fsdp=8 uses 8 simulated host devices (``--xla_force_host_platform_device_count=8``, set below); the other
+cases use one of them. The optimizer is the official recipe's (AdamW groups, VAE frozen), group_size = the
+per-device batch (whole BatchNorm/SiLog groups per device).
+
+    python benchmarks/memory_aot.py --batches 1,4,8 --dtypes float32,bfloat16 --remat 0,1 --fsdp 1,8 \
+        --budget_s 1200
+
+On a CPU host the compiler is XLA:CPU, whose buffer assignment is close to, but not the same as, the GPU
+compiler's; on a GPU machine run the same command to get the GPU figures (the device count flag is then
+ignored for GPUs: use --fsdp with the real number of GPUs). A case that compiles for longer than the remaining
+budget is not started; each case prints its line as soon as it is done.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", False)
+
+GiB = 1024**3
+
+
+def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480):
+    from vpd_jax import parallel
+    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+    from vpd_jax.training import step as S
+    from vpd_jax.training.losses import silog_loss
+    from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
+    from vpd_jax.training.schedules import official_schedule
+    from vpd_jax.training.trainer import abstract_train_state
+
+    devices = jax.devices()[:fsdp]
+    mesh = parallel.make_mesh(1, fsdp, devices)
+    model = VPDDepth(VPDConfig(dtype=dtype, remat=remat))
+    abstract = abstract_variables(model)
+    rules = ParamRules()
+    tx = adamw(official_schedule(), weight_decay=0.1, rules=rules)
+    abstract_state, shardings = abstract_train_state(abstract, tx, mesh)
+    constants = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["constants"])
+
+    def loss_fn(params, batch_stats, b, rng):
+        pred, upd = model.apply({"params": params, "batch_stats": batch_stats, "constants": constants},
+                                b["image"], b["class_id"], train=True, mutable=["batch_stats"])
+        return silog_loss(pred, b["depth"], "official"), (upd["batch_stats"], {})
+
+    step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
+                                trainable=trainable_mask(abstract["params"], rules))
+    g = batch * fsdp
+    bs = parallel.batch_sharding(mesh)
+    batch_abs = {"image": jax.ShapeDtypeStruct((g, size, size, 3), jnp.uint8, sharding=bs),
+                 "depth": jax.ShapeDtypeStruct((g, size, size), jnp.float32, sharding=bs),
+                 "class_id": jax.ShapeDtypeStruct((g,), jnp.int32, sharding=bs),
+                 "valid": jax.ShapeDtypeStruct((g,), jnp.bool_, sharding=bs)}
+    compiled, secs = S.compile_step(step_fn, abstract_state, batch_abs)
+    ma = compiled.memory_analysis()
+    args, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
+                              ma.temp_size_in_bytes)
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
+            "compile_s": secs, "tflop": float(ca.get("flops", 0)) / 1e12 / max(1, fsdp)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--remat", default="0,1")
+    p.add_argument("--fsdp", default="1,8")
+    p.add_argument("--size", type=int, default=480)
+    p.add_argument("--budget_s", type=float, default=1200.0)
+    a = p.parse_args(argv)
+    cases = [(b, d, bool(int(r)), f) for f in map(int, a.fsdp.split(",")) for r in a.remat.split(",")
+             for d in a.dtypes.split(",") for b in map(int, a.batches.split(","))]
+    print(f"{jax.devices()[0].platform} x{len(jax.devices())}; {len(cases)} cases; budget {a.budget_s:.0f}s",
+          flush=True)
+    head = (f"{'batch/dev':>9} {'dtype':>8} {'remat':>5} {'fsdp':>4} | {'params+opt (GiB)':>16} {'temp (GiB)':>10} "
+            f"{'total/dev (GiB)':>15} | {'TFLOP/dev/step':>14} {'compile s':>9}")
+    print(head + "\n" + "-" * len(head), flush=True)
+    t0, last = time.perf_counter(), 0.0
+    for b, d, r, f in cases:
+        left = a.budget_s - (time.perf_counter() - t0)
+        if left < last:
+            print(f"(budget: {left:.0f}s left < {last:.0f}s per case; skipping the rest)")
+            break
+        t = time.perf_counter()
+        res = one_case(b, d, r, f, a.size)
+        last = time.perf_counter() - t
+        print(f"{b:>9} {d:>8} {str(r):>5} {f:>4} | {res['args']:>16.2f} {res['temp']:>10.2f} {res['total']:>15.2f} | "
+              f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

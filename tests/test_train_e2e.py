@@ -1,0 +1,176 @@
+"""train.py / eval.py end to end as subprocesses on tiny synthetic data (micro model, 64x96 scenes).
+
+Resume: a run SIGKILLed after its first checkpoint and restarted ends with exactly the parameters of an
+uninterrupted run. Errors: a missing data directory, a config typo, an incompatible checkpoint and a
+non-finite loss each end in one ``error: ...`` line. Subprocesses share the repo's persistent compile cache
+(.jax_cache), so after the first run the steps load instead of compiling.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PY = sys.executable
+TOTAL = 6
+COMMON = [
+    "--config=configs/demo.py",
+    "--config.train.global_batch_size=4",
+    "--config.train.group_size=2",
+    "--config.aug.crop_size=(64,64)",
+    f"--config.train.total_steps={TOTAL}",
+    "--config.optimizer.warmup_steps=2",
+    f"--config.optimizer.decay_steps={TOTAL}",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.async_save=False",
+    "--config.eval.every_steps=0",
+    "--config.eval.batch_size=2",
+    "--config.eval.num_pictures=1",
+    "--config.log_every_steps=1",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(VPD_COMPILATION_CACHE=str(ROOT / ".jax_cache"), TF_CPP_MIN_LOG_LEVEL="3", USE_TF="0",
+               JAX_PLATFORMS="cpu")
+    return env
+
+
+def _run(script, *args, check=True, timeout=600):
+    p = subprocess.run([PY, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _error_lines(p):
+    return [line for line in p.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    from vpd_jax.data import prepare
+
+    assert prepare.main(["--source", "synthetic", "--num_train", "16", "--num_test", "4", "--height", "64",
+                         "--width", "96", "--data_dir", str(d)]) == 0
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def full_run(data_dir, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full") / "wd"
+    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}")
+    return wd, p
+
+
+def _final_params(wd):
+    import orbax.checkpoint as ocp
+
+    root = pathlib.Path(wd) / "checkpoints"
+    step = max(int(s.name) for s in root.iterdir() if s.name.isdigit())
+    tree = ocp.PyTreeCheckpointer().restore(root / str(step) / "state")
+    return step, tree["params"], tree["opt_state"]
+
+
+def test_train_runs_logs_and_checkpoints(full_run):
+    wd, p = full_run
+    assert "compiled the train step" in p.stdout
+    assert f"step {TOTAL}/{TOTAL}" in p.stdout and "img/s" in p.stdout and "MFU" in p.stdout
+    assert (wd / "eval" / f"step_{TOTAL}.json").exists() and (wd / "pictures" / f"step_{TOTAL}.png").exists()
+    steps = sorted(int(s.name) for s in (wd / "checkpoints").iterdir() if s.name.isdigit())
+    assert steps == [TOTAL - 2, TOTAL]  # keep=2
+    assert any((wd / "best").iterdir())
+    assert list((wd / "tb").iterdir())  # TensorBoard events
+
+
+def test_killed_run_resumes_to_identical_params(full_run, data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    args = [PY, "train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = wd / "checkpoints" / "2"
+    deadline = time.time() + 400
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [int(s.name) for s in (wd / "checkpoints").iterdir() if s.name.isdigit()]
+    assert done and max(done) < TOTAL, f"the run finished before it was killed ({done})"
+    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}")
+    assert "resumed from" in p.stdout
+    step_a, params_a, opt_a = _final_params(full_run[0])
+    step_b, params_b, opt_b = _final_params(wd)
+    assert step_a == step_b == TOTAL
+    import jax
+
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(opt_a), jax.tree.leaves(opt_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_cli_workdir_and_predictions(full_run, data_dir, tmp_path):
+    wd, _ = full_run
+    out = tmp_path / "m.json"
+    preds = tmp_path / "preds"
+    p = _run("eval.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}", "--which=latest",
+             f"--output={out}", f"--save_predictions={preds}")
+    assert "rmse" in p.stdout and "abs_rel" in p.stdout
+    m = json.loads(out.read_text())
+    assert m["num_images"] == 4 and np.isfinite(m["metrics"]["rmse"])
+    pngs = sorted(preds.iterdir())
+    assert len(pngs) == 4
+    import cv2
+
+    depth = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert depth.dtype == np.uint16 and depth.shape == (64, 96)
+    # The end-of-training evaluation of the same weights gave the same numbers.
+    train_eval = json.loads((wd / "eval" / f"step_{TOTAL}.json").read_text())["metrics"]
+    assert m["metrics"]["rmse"] == pytest.approx(train_eval["rmse"], rel=1e-5)
+    best = _run("eval.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}", "--which=best",
+                f"--output={tmp_path / 'b.json'}")
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"]["rmse"] == pytest.approx(
+        train_eval["rmse"], rel=1e-5), best.stdout
+
+
+def test_missing_data_dir_is_one_error(tmp_path):
+    p = _run("train.py", *COMMON, f"--config.data_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'wd'}",
+             check=False)
+    assert p.returncode == 1
+    assert len(_error_lines(p)) == 1 and "does not exist" in _error_lines(p)[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_config_typo_is_one_error(tmp_path):
+    p = _run("train.py", *COMMON, "--config.train.totl_steps=3", f"--workdir={tmp_path / 'wd'}", check=False)
+    assert p.returncode == 2
+    assert len(_error_lines(p)) == 1 and "total_steps" in _error_lines(p)[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_incompatible_checkpoint_is_one_error(full_run, data_dir):
+    wd, _ = full_run
+    for which in ("latest", "best"):
+        p = _run("eval.py", *COMMON, f"--config.data_dir={data_dir}", "--config.model.size=tiny", f"--workdir={wd}",
+                 f"--which={which}", check=False)
+        assert p.returncode == 1, p.stderr[-2000:]
+        assert len(_error_lines(p)) == 1 and "does not fit" in _error_lines(p)[0]
+        assert "Traceback" not in p.stderr
+
+
+def test_non_finite_loss_stops_with_message(data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}",
+             "--config.optimizer.max_lr=1e30", check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    err = _error_lines(p)
+    assert len(err) == 1 and "non-finite" in err[0] and "stopped without saving" in err[0]
+    assert "Traceback" not in p.stderr
