@@ -265,6 +265,8 @@ def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
 
     p = pathlib.Path(src).expanduser()
     crop = None
+    if p.is_dir() and not is_converted_dir(p) and _is_training_workdir(p):
+        return _load_training_workdir(p, model_overrides)
     if p.is_dir() and not is_converted_dir(p):
         crop = _workdir_crop(p)
         found = find_in_workdir(p)
@@ -279,6 +281,37 @@ def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
         meta = read_converted_meta(p)
         crop = meta.get("crop") or meta.get("source", {}).get("crop") or crop
     return model, variables, (int(crop) if crop else None)
+
+
+def _is_training_workdir(workdir: pathlib.Path) -> bool:
+    """A ``train.py`` workdir: its config as JSON and orbax checkpoints under ``best/`` or ``checkpoints/``."""
+    return (workdir / "config.json").is_file() and ((workdir / "best").is_dir() or (workdir / "checkpoints").is_dir())
+
+
+def _load_training_workdir(workdir: pathlib.Path, model_overrides: dict | None):
+    """``(VPDDepth, variables, crop)`` of a ``train.py`` workdir: its best-by-RMSE weights, else its latest."""
+    import dataclasses
+    import json
+
+    import ml_collections
+
+    from vpd_jax.models.vpd import VPDDepth, abstract_variables
+    from vpd_jax.training import checkpoint as C
+    from vpd_jax.training import trainer
+
+    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = trainer.model_config(cfg)
+    if model_overrides:
+        config = dataclasses.replace(config, **{k: v for k, v in model_overrides.items() if v is not None})
+    model = VPDDepth(config)
+    abstract = abstract_variables(model)
+    if any((workdir / "best").glob("[0-9]*")):
+        variables, _, _ = C.restore_best(str(workdir), abstract)
+    else:
+        from vpd_jax.evaluation.evaluator import load_for_eval
+
+        _, variables, _ = load_for_eval(cfg, workdir=str(workdir), which="latest")
+    return model, variables, _workdir_crop(workdir)
 
 
 def _workdir_crop(workdir: pathlib.Path) -> int | None:

@@ -30,6 +30,7 @@ from vpd_jax.weights.common import (
     check_tree,
     dense_kernel,
     find_in_folder,
+    flax_path,
     flatten,
     hub_download,
     looks_like_hub_id,
@@ -150,7 +151,7 @@ def params_from_torch_state(state: Mapping[str, Any], what: str = "state dict") 
             continue
         *mod, leaf = key[len("text_model."):].split(".")
         v = np.asarray(value)
-        path = _flax_module_path(mod)
+        path = flax_path(mod)
         if mod and mod[0] == "embeddings" and leaf == "weight":
             flat[f"{path}/embedding"] = v
         elif leaf == "weight":
@@ -177,16 +178,6 @@ def params_from_flax_tree(tree: Mapping[str, Any], what: str = "msgpack") -> dic
         flat[re.sub(r"/layers/(\d+)/", r"/layers_\1/", key[len("text_model"):]).lstrip("/")] = np.asarray(value)
     _fail_on_unknown(unknown, flat, what)
     return unflatten(flat)
-
-
-def _flax_module_path(parts: list[str]) -> str:
-    out: list[str] = []
-    for p in parts:
-        if p.isdigit() and out:
-            out[-1] = f"{out[-1]}_{p}"
-        else:
-            out.append(p)
-    return "/".join(out)
 
 
 def _fail_on_unknown(unknown: list[str], converted: Mapping[str, Any], what: str) -> None:

@@ -263,7 +263,7 @@ def torch_module_to_flax(state: Mapping[str, np.ndarray], *, conv_as_dense: Iter
         value = state.pop(key) if consume else state[key]  # type: ignore[attr-defined]
         *mod, leaf = key.split(".")
         module = ".".join(mod)
-        path = _flax_path(mod)
+        path = flax_path(mod)
         v = np.asarray(value)
         if leaf == "bias":
             flat[path + "/bias"] = v
@@ -281,7 +281,7 @@ def torch_module_to_flax(state: Mapping[str, np.ndarray], *, conv_as_dense: Iter
     return unflatten(flat)
 
 
-def _flax_path(parts: Sequence[str]) -> str:
+def flax_path(parts: Sequence[str]) -> str:
     """``['down_blocks', '0', 'resnets', '1', 'conv1']`` -> ``down_blocks_0/resnets_1/conv1``."""
     out: list[str] = []
     for p in parts:
