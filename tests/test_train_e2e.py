@@ -174,3 +174,13 @@ def test_non_finite_loss_stops_with_message(data_dir, tmp_path):
     err = _error_lines(p)
     assert len(err) == 1 and "non-finite" in err[0] and "stopped without saving" in err[0]
     assert "Traceback" not in p.stderr
+
+
+def test_predictor_loads_a_training_workdir(full_run):
+    wd, _ = full_run
+    from vpd_jax import Predictor
+
+    predictor = Predictor.from_checkpoint(str(wd))  # the best-by-RMSE weights, crop from the run's config
+    assert predictor.crop == 64
+    depth = predictor.predict(np.full((64, 96, 3), 128, np.uint8))
+    assert depth.shape == (64, 96) and depth.dtype == np.float32 and np.all((depth > 0) & (depth < 10))
