@@ -284,8 +284,20 @@ def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
 
 
 def _is_training_workdir(workdir: pathlib.Path) -> bool:
-    """A ``train.py`` workdir: its config as JSON and orbax checkpoints under ``best/`` or ``checkpoints/``."""
-    return (workdir / "config.json").is_file() and ((workdir / "best").is_dir() or (workdir / "checkpoints").is_dir())
+    """A ``train.py`` workdir: its training config as JSON and orbax managers under ``best/`` or ``checkpoints/``
+    (not converted checkpoints placed in a folder, which ``find_in_workdir`` handles)."""
+    import json
+
+    from vpd_jax.weights.vpd_checkpoint import is_converted_dir
+
+    try:
+        cfg = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(cfg, dict) and "model" in cfg and "train" in cfg):
+        return False
+    best, ckpts = workdir / "best", workdir / "checkpoints"
+    return (best.is_dir() and not is_converted_dir(best)) or (ckpts.is_dir() and not is_converted_dir(ckpts))
 
 
 def _load_training_workdir(workdir: pathlib.Path, model_overrides: dict | None):
