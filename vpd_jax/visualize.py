@@ -59,9 +59,11 @@ def save_npy(path: str | os.PathLike, depth_m) -> pathlib.Path:
     return path
 
 
-def _save_image(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
+def save_png(path: str | os.PathLike, array: np.ndarray) -> pathlib.Path:
+    """Write a uint8 (H, W[, 3]) or uint16 (H, W) array as PNG, atomically."""
     from PIL import Image
 
+    path = pathlib.Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path
@@ -89,7 +91,7 @@ def depth_to_png16(depth_m) -> np.ndarray:
 
 def save_depth_png16(path: str | os.PathLike, depth_m) -> pathlib.Path:
     """Write depth (metres) as a 16-bit grayscale PNG in millimetres (0 = invalid); atomic."""
-    return _save_image(pathlib.Path(path), depth_to_png16(depth_m))
+    return save_png(pathlib.Path(path), depth_to_png16(depth_m))
 
 
 def read_depth_png16(path: str | os.PathLike) -> np.ndarray:
@@ -177,7 +179,7 @@ def save_colormap_png(path: str | os.PathLike, depth, colorbar: bool = False, *,
     rgb = colorize(depth, lo, hi, cmap)
     if colorbar:
         rgb = np.concatenate([rgb, _colorbar(rgb.shape[0], lo, hi, cmap)], axis=1)
-    return _save_image(pathlib.Path(path), rgb)
+    return save_png(pathlib.Path(path), rgb)
 
 
 _colorbar = colorbar  # ``save_colormap_png``'s flag has the same name
@@ -223,7 +225,7 @@ def make_panel(image, gt, pred, *, vmin: float | None = None, vmax: float | None
 
 def save_panel(path: str | os.PathLike, image, gt, pred, **kw) -> pathlib.Path:
     """Write ``make_panel(image, gt, pred, **kw)`` as PNG (atomic)."""
-    return _save_image(pathlib.Path(path), make_panel(image, gt, pred, **kw))
+    return save_png(pathlib.Path(path), make_panel(image, gt, pred, **kw))
 
 
 # ------------------------------------------------------------------------------------------- 3-D

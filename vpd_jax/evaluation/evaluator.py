@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpd_jax import visualize
 from vpd_jax.evaluation import metrics as M
 from vpd_jax.evaluation import tta as T
 
@@ -76,15 +77,6 @@ def model_predict_fn(model) -> Callable:
     def predict(variables, images, class_ids):
         return model.apply(variables, images, class_ids, train=False)
     return predict
-
-
-def save_depth_png(path: str, depth_m: np.ndarray) -> None:
-    """16-bit PNG of depth x1000 (millimetres), like the official released predictions."""
-    import cv2
-
-    mm = np.clip(np.round(np.asarray(depth_m, np.float64) * 1000.0), 0, 65535).astype(np.uint16)
-    if not cv2.imwrite(path, mm):
-        raise OSError(f"could not write {path}")
 
 
 def _png_name(file_name: str, index: int) -> str:
@@ -177,7 +169,7 @@ class Evaluator:
                     if len(pictures) < s.num_pictures and not multi:
                         pictures.append({"image": images[i], "gt": gt[i], "pred": pred[i]})
                     if save_predictions:
-                        save_depth_png(os.path.join(save_predictions, _png_name(names[i], index + i)), pred[i])
+                        visualize.save_depth_png16(os.path.join(save_predictions, _png_name(names[i], index + i)), pred[i])
             index += len(gt)
             if bar is not None:
                 bar.update(1)
@@ -216,36 +208,14 @@ def write_json(path: str, payload: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- pictures
-def colorize(depth: np.ndarray, vmin: float, vmax: float, cmap: str = "magma_r") -> np.ndarray:
-    """uint8 RGB of a depth map (matplotlib colormap, imported lazily); invalid (<= 0) pixels black."""
-    import matplotlib
-
-    d = np.asarray(depth, np.float32)
-    x = np.clip((d - vmin) / max(vmax - vmin, 1e-6), 0, 1)
-    rgb = (matplotlib.colormaps[cmap](x)[..., :3] * 255).astype(np.uint8)
-    rgb[~(d > 0)] = 0
-    return rgb
-
-
-def picture_row(pic: dict) -> np.ndarray:
-    """image | ground truth | prediction side by side (uint8 RGB), both depths on the GT's range."""
-    gt, pred = pic["gt"], pic["pred"]
-    valid = gt > 0
-    vmin = float(gt[valid].min()) if valid.any() else 0.0
-    vmax = float(gt[valid].max()) if valid.any() else 10.0
-    return np.concatenate([np.asarray(pic["image"], np.uint8), colorize(gt, vmin, vmax),
-                           colorize(np.where(pred > 0, pred, 1e-6), vmin, vmax)], axis=1)
-
-
 def picture_grid(pictures: list[dict]) -> np.ndarray:
-    return np.concatenate([picture_row(p) for p in pictures], axis=0)
+    """Rows of image | ground truth | prediction (one depth scale per row, the GT's), uint8 RGB."""
+    return np.concatenate([visualize.make_panel(p["image"], p["gt"], p["pred"]) for p in pictures], axis=0)
 
 
 def save_picture(path: str, pictures: list[dict]) -> None:
-    import cv2
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cv2.imwrite(path, picture_grid(pictures)[..., ::-1])
+    visualize.save_png(path, picture_grid(pictures))
 
 
 # ---------------------------------------------------------------------------------------------- eval.py
