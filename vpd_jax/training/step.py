@@ -57,6 +57,13 @@ def _raw_key(rng) -> jax.Array:
     return rng
 
 
+def _fresh_state(variables, tx: optax.GradientTransformation, key) -> TrainState:
+    """Step 0 with ``variables``' params and batch statistics and a fresh optimizer state."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=key)
+
+
 def create_train_state(
     init_fn: Callable[[jax.Array], Any],
     tx: optax.GradientTransformation,
@@ -73,15 +80,7 @@ def create_train_state(
 
     def _init(key):
         init_key, state_key = jax.random.split(key)
-        variables = init_fn(init_key)
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=state_key,
-        )
+        return _fresh_state(init_fn(init_key), tx, state_key)
 
     key = _raw_key(rng)
     abstract = jax.eval_shape(_init, key)
@@ -105,14 +104,7 @@ def create_train_state_from_variables(
     """
 
     def _init(variables, key):
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=key,
-        )
+        return _fresh_state(variables, tx, key)
 
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     key = _raw_key(rng)

@@ -290,23 +290,29 @@ def infer_ldm_unet_config(state: Mapping[str, Any], what: str) -> UNetConfig:
                       cross_attention_dim=ctx, use_linear_projection=linear)
 
 
-def _unet_state(source: str, config: UNetConfig | None) -> tuple[UNetConfig, dict, bool]:
-    """(config, diffusers-PyTorch-named state or Flax tree, is_flax) of a UNet source."""
-    cfg_path, weights = _component_files(source, "unet")
+def _component_state(source: str, component: str, prefix: str, config, config_cls, infer, to_diffusers):
+    """(config, diffusers-PyTorch-named state or Flax tree, is_flax) of a UNet or VAE source.
+
+    ``prefix``: the component's key prefix in CompVis single files; ``infer(sub, what)`` reads its config off
+    the tensors; ``to_diffusers(sub, cfg, what=...)`` renames CompVis keys to diffusers ones.
+    """
+    cfg_path, weights = _component_files(source, component)
     tensors = _read_component(weights)
     if weights.suffix == ".msgpack":
-        return config or UNetConfig.from_diffusers(_read_config(cfg_path)), tensors, True
+        # A full AutoencoderKL msgpack also holds the decoder, which VPD never uses.
+        tensors = {k: v for k, v in tensors.items() if k not in ("decoder", "post_quant_conv")}
+        return config or config_cls.from_diffusers(_read_config(cfg_path)), tensors, True
     if _is_ldm(tensors):
-        sub = {k[len(LDM_UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(LDM_UNET_PREFIX)}
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         del tensors
         if not sub:
-            raise WeightsError(f"{weights}: a CompVis checkpoint without UNet tensors ({LDM_UNET_PREFIX}*)")
-        cfg = config or infer_ldm_unet_config(sub, str(weights))
-        return cfg, ldm_unet_to_diffusers(sub, cfg, what=str(weights)), False
+            raise WeightsError(f"{weights}: a CompVis checkpoint without {component} tensors ({prefix}*)")
+        cfg = config or infer(sub, str(weights))
+        return cfg, to_diffusers(sub, cfg, what=str(weights)), False
     if config is None and cfg_path is None:
-        raise WeightsError(f"{weights}: neither a CompVis checkpoint (no {LDM_UNET_PREFIX}* keys) nor a diffusers "
+        raise WeightsError(f"{weights}: neither a CompVis checkpoint (no {prefix}* keys) nor a diffusers "
                            f"component file with a config.json beside it")
-    return config or UNetConfig.from_diffusers(_read_config(cfg_path)), tensors, False
+    return config or config_cls.from_diffusers(_read_config(cfg_path)), tensors, False
 
 
 def load_unet(source: str, *, config: UNetConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -319,7 +325,8 @@ def load_unet(source: str, *, config: UNetConfig | None = None, dtype=jnp.float3
     ``keep_output_head=False`` drops ``conv_norm_out``/``conv_out`` (VPD's ``features`` path never uses them;
     CompVis files converted by VPD lack them). Params are host numpy arrays of ``param_dtype``.
     """
-    cfg, state, is_flax = _unet_state(source, config)
+    cfg, state, is_flax = _component_state(source, "unet", LDM_UNET_PREFIX, config, UNetConfig,
+                                           infer_ldm_unet_config, ldm_unet_to_diffusers)
     module = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                   remat=remat, remat_policy=remat_policy)
     params = state if is_flax else unet_params_from_torch(state, cfg)
@@ -337,25 +344,6 @@ def unet_param_shapes(module: UNet2DConditionModel) -> dict:
     c = module.config
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, c.in_channels)),
                                               jnp.ones((1,)), jnp.zeros((1, 1, c.cross_attention_dim))))["params"]
-
-
-def _vae_state(source: str, config: VAEConfig | None) -> tuple[VAEConfig, dict, bool]:
-    cfg_path, weights = _component_files(source, "vae")
-    tensors = _read_component(weights)
-    if weights.suffix == ".msgpack":
-        tensors = {k: v for k, v in tensors.items() if k not in ("decoder", "post_quant_conv")}
-        return config or VAEConfig.from_diffusers(_read_config(cfg_path)), tensors, True
-    if _is_ldm(tensors):
-        sub = {k[len(LDM_VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(LDM_VAE_PREFIX)}
-        del tensors
-        if not sub:
-            raise WeightsError(f"{weights}: a CompVis checkpoint without VAE tensors ({LDM_VAE_PREFIX}*)")
-        cfg = config or infer_ldm_vae_config(sub, str(weights))
-        return cfg, ldm_vae_to_diffusers(sub, cfg, what=str(weights)), False
-    if config is None and cfg_path is None:
-        raise WeightsError(f"{weights}: neither a CompVis checkpoint (no {LDM_VAE_PREFIX}* keys) nor a diffusers "
-                           f"component file with a config.json beside it")
-    return config or VAEConfig.from_diffusers(_read_config(cfg_path)), tensors, False
 
 
 def infer_ldm_vae_config(state: Mapping[str, Any], what: str) -> VAEConfig:
@@ -379,7 +367,8 @@ def infer_ldm_vae_config(state: Mapping[str, Any], what: str) -> VAEConfig:
 
 def load_vae_encoder(source: str, *, config: VAEConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
     """``(VAEEncoder, params)`` from a diffusers folder/file, a CompVis file or a hub id (decoder skipped)."""
-    cfg, state, is_flax = _vae_state(source, config)
+    cfg, state, is_flax = _component_state(source, "vae", LDM_VAE_PREFIX, config, VAEConfig,
+                                           infer_ldm_vae_config, ldm_vae_to_diffusers)
     module = VAEEncoder(cfg, dtype=dtype, param_dtype=param_dtype)
     params = state if is_flax else vae_params_from_torch(state)
     check_tree(vae_param_shapes(module), params, f"{source} (VAE encoder)")
