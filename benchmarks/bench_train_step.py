@@ -100,7 +100,40 @@ def _model_flops(batch, size, dtype, model_size) -> float:
     return float(ca.get("flops", 0.0))
 
 
-def run_jax(batch, size, dtype, remat, attention, steps, model_size) -> dict:
+def _kernel_table(trace_dir: str, steps: int, top: int = 25) -> tuple[str, dict]:
+    """Per-kernel device time from a ``jax.profiler`` perfetto trace: the top kernels and totals by kind."""
+    import glob
+    import gzip
+    import re
+
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return "(no perfetto trace written)", {}
+    with gzip.open(files[0], "rt") as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    per, kinds = {}, {}
+    rules = [("attention", r"fmha|flash|sdpa|attention|cudnn.*mha"), ("conv", r"conv|xmma|implicit|fprop|dgrad|wgrad"),
+             ("gemm", r"gemm|gemv|cublas|cutlass|matmul|dot"), ("reduce (norms, loss)", r"reduce|reduction"),
+             ("copy/transpose", r"copy|transpose|memcpy|memset"), ("elementwise", r"fusion|loop|elementwise")]
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids or "dur" not in e:
+            continue
+        name = str(e.get("name", "?"))
+        per[name] = per.get(name, 0.0) + e["dur"] / 1e3 / steps  # ms per step
+        kind = next((k for k, r in rules if re.search(r, name, re.I)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / 1e3 / steps
+    total = sum(kinds.values()) or float("nan")
+    lines = [f"device kernel time per step: {total:.1f} ms"]
+    lines += [f"  {k:<22} {v:8.1f} ms {100 * v / total:5.1f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append(f"top {top} kernels (ms per step):")
+    lines += [f"  {v:8.2f}  {k[:110]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines), kinds
+
+
+def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=None) -> dict:
     import jax
 
     from vpd_jax import parallel
@@ -128,7 +161,19 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size) -> dict:
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"compile_s": compile_s, "init_s": init_s, "step_s": statistics.median(times),
+    extra = {}
+    if profile:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(3):
+                    state, m = compiled(state, data)
+                jax.block_until_ready(m["loss"])
+            table, kinds = _kernel_table(d, 3)
+        print(table, file=sys.stderr, flush=True)
+        extra["kernel_ms"] = kinds
+    return {**extra, "compile_s": compile_s, "init_s": init_s, "step_s": statistics.median(times),
             "step_min_s": min(times), "peak_gib": stats.get("peak_bytes_in_use", 0) / GiB,
             "xla_gib": (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
                         + ma.temp_size_in_bytes) / GiB if ma is not None else float("nan"),
@@ -269,7 +314,7 @@ def one_case(a) -> dict:
         import jax
 
         jax.config.update("jax_threefry_partitionable", False) if jax.default_backend() == "cpu" else None
-        out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model)
+        out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model, a.profile)
         out["device"] = jax.devices()[0].device_kind
     else:
         import torch
@@ -287,11 +332,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="the card's dense bf16 TFLOP/s")
+    ap.add_argument("--model_flops", type=float, default=None,
+                    help="model FLOPs per step, if known (e.g. counted on a CPU host: --flops); skips the count")
     ap.add_argument("--budget_s", type=float, default=540.0, help="no case is started after this many seconds")
     ap.add_argument("--json", default=None, help="also write every result here")
     ap.add_argument("--logdir", default=None, help="write each case's stderr here")
+    ap.add_argument("--profile", action="store_true", help="JAX cases: profile 3 steps, log a per-kernel table")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
-    ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)  # internal: print model FLOPs
+    ap.add_argument("--flops", action="store_true", help="print the model FLOPs per step and exit")
     a = ap.parse_args(argv)
     if a.flops:
         import jax
@@ -304,7 +352,8 @@ def main(argv=None) -> None:
         return
 
     t0 = time.perf_counter()
-    common = ["--batch", str(a.batch), "--size", str(a.size), "--steps", str(a.steps), "--model", a.model]
+    common = ["--batch", str(a.batch), "--size", str(a.size), "--steps", str(a.steps), "--model", a.model,
+              *(["--profile"] if a.profile else [])]
 
     def child(extra):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), *common, *extra], capture_output=True,
@@ -319,7 +368,7 @@ def main(argv=None) -> None:
                 return json.loads(line[7:]), None
         return None, (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1][:300]
 
-    res, err = child(["--flops"])
+    res, err = ({"flops": a.model_flops}, None) if a.model_flops else child(["--flops"])
     flops = res["flops"] if res else float("nan")
     print(f"model FLOPs per step (batch {a.batch}, {a.size}x{a.size}): {flops / 1e12:.4g} TFLOP"
           + (f"  [{err}]" if err else ""), flush=True)

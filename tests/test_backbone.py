@@ -355,3 +355,23 @@ def test_attention_implementations_agree_on_cpu():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     with pytest.raises(ValueError, match="not one of"):
         attention(q, k, v, scale=1.0, impl="flash")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_attention_over_one_key_is_that_value_exactly(dtype):
+    """VPD's one-token context: softmax over one key is exactly 1, so the shortcut equals the formula."""
+    from vpd_jax.models.layers import attention
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 30, 2, 8)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((2, 1, 2, 8)), dtype) for _ in range(2))
+    want = np.broadcast_to(np.asarray(v, np.float32), (2, 30, 2, 8))  # the formula: probs == 1 exactly
+    for impl in (None, "einsum", "xla"):
+        out = attention(q, k, v, scale=8 ** -0.5, impl=impl)
+        assert out.dtype == q.dtype and out.shape == (2, 30, 2, 8)
+        np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+    # Gradients: none reach q or k (d softmax / d logit of a single entry is 0); v gets the sum over queries.
+    gq, gk, gv = jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, scale=1.0).astype(jnp.float32) ** 2),
+                          argnums=(0, 1, 2))(q, k, v)
+    assert not np.any(np.asarray(gq, np.float32)) and not np.any(np.asarray(gk, np.float32))
+    np.testing.assert_allclose(np.asarray(gv, np.float32), 60 * np.asarray(v, np.float32),
+                               rtol=1e-6 if dtype == np.float32 else 5e-2)  # bf16: a 30-term bf16 sum
