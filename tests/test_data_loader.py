@@ -126,15 +126,21 @@ def test_resume_with_worker_processes(data_dir):
         loader.make_train_loader(data_dir, **{**kw, "worker_count": 0}).set_state(state)
 
 
-def test_hosts_get_disjoint_equal_shards(data_dir, source_images):
-    seen = []
-    for p in range(3):
-        it = loader.make_train_loader(data_dir, dataset=DS, global_batch_size=6, seed=0, aug=AugmentConfig.none(),
-                                      process_index=p, process_count=3, num_epochs=1)
-        batches = list(it)
-        assert len(batches) == 3 and all(b["image"].shape[0] == 2 for b in batches)  # 22 // 3 = 7 -> 3 batches
-        seen.append({_index_of(img, source_images) for b in batches for img in b["image"]})
-    assert all(len(s) == 6 for s in seen)
+def test_hosts_split_each_global_batch(data_dir, source_images):
+    """3 hosts x 2 images together yield exactly the global batches of 1 host x 6, augmentation included."""
+    aug = AugmentConfig(crop_size=(32, 48), cutdepth="official", flip=True, photometric=True)
+    kw = dict(dataset=DS, global_batch_size=6, seed=0, aug=aug, num_epochs=1)
+    single = list(loader.make_train_loader(data_dir, **kw))
+    assert len(single) == 3 and all(b["image"].shape[0] == 6 for b in single)  # 22 // 6 = 3 global batches
+    hosts = [list(loader.make_train_loader(data_dir, **kw, process_index=p, process_count=3)) for p in range(3)]
+    assert all(len(h) == 3 and all(b["image"].shape[0] == 2 for b in h) for h in hosts)
+    for s, parts in zip(single, zip(*hosts)):
+        for key in ("image", "depth", "class_id"):
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), s[key])
+    seen = [{_index_of(img, source_images) for b in h for img in b["image"]} for h in
+            [list(loader.make_train_loader(data_dir, **{**kw, "aug": AugmentConfig.none()}, process_index=p,
+                                           process_count=3)) for p in range(3)]]
+    assert all(len(s) == 6 for s in seen)  # within an epoch, the hosts' examples are disjoint
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     with pytest.raises(ValueError, match="divisible"):
         loader.make_train_loader(data_dir, dataset=DS, global_batch_size=5, seed=0, process_count=2)

@@ -236,9 +236,10 @@ def apply_photometric(image: np.ndarray, p: PhotometricParams) -> np.ndarray:
 
 def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
             position: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Applies ``cfg`` to one example. ``position`` is the sample's index within its epoch on this host: the
-    official CutDepth fires on every ``cutdepth_every``-th one (the reference's per-worker counter, made
-    independent of the worker count so that results do not depend on it). Returns (image, depth, params)."""
+    """Applies ``cfg`` to one example. ``position`` is the sample's index within its epoch of the global
+    stream (the same whatever the host count): the official CutDepth fires on every ``cutdepth_every``-th one
+    (the reference's per-worker counter, made independent of worker and host counts so that results do not
+    depend on them). Returns (image, depth, params)."""
     params: dict[str, Any] = {}
     h, w = depth.shape
     strip = None

@@ -1,12 +1,14 @@
 """grain input pipelines over the prepared TFDS datasets (array_record), with no TensorFlow in the loop.
 
-Training (:func:`make_train_loader`): each host takes a disjoint contiguous shard of the split, shuffles it
-with ``seed`` (a new order every epoch), augments every example with a generator keyed by
-``(seed, process_index, position in the stream)``, batches with ``drop_remainder`` and optionally runs in
-worker processes. So the stream is a pure function of (seed, host, position): the iterator state saved with a
-checkpoint (``get_state()``, JSON bytes) resumes with exactly the batches an uninterrupted run yields. Batch
-composition depends on ``worker_count`` (each worker batches its own slice), so a state restores only into a
-loader with the same worker count; that is checked.
+Training (:func:`make_train_loader`): one global stream, whatever the number of hosts: the split is shuffled
+with ``seed`` (a new order every epoch), global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` and host
+``p`` of ``P`` takes its ``p``-th contiguous slice of ``G/P`` of them. Every example is augmented with a
+generator keyed by ``(seed, global stream position)``. So the global batches are a pure function of (seed,
+position), the same on 1 host or 64 (a multi-host run trains on exactly what a single-host run with the same
+global batch does), and the iterator state saved with a checkpoint (``get_state()``, JSON bytes) resumes with
+exactly the batches an uninterrupted run yields. With ``worker_count`` > 0 each worker batches its own slice of
+the host's stream, so batch composition depends on the worker count, and a state restores only into a loader
+with the same worker count; that is checked.
 
 Evaluation (:func:`make_eval_loader`): every example of the split exactly once, in order, split into
 ``process_count`` contiguous blocks; each host pads its block to the same whole number of batches with
@@ -57,20 +59,26 @@ def decode_record(record: dict, class_key: str) -> dict:
 
 @dataclasses.dataclass
 class _TrainTransform:
-    """Picklable per-example work for grain's worker processes."""
+    """Picklable per-example work for grain's worker processes: host position -> global position -> example."""
 
     source: Any
+    order: Any  # grain MapDataset: global stream position -> example index (shuffled per epoch)
     aug: AugmentConfig
     seed: int
     process_index: int
-    shard_start: int
-    shard_len: int
+    host_batch: int
+    global_batch: int
     class_key: str
 
-    def __call__(self, index: int, key: int) -> dict:
-        ex = decode_record(self.source[self.shard_start + int(key)], self.class_key)
-        rng = np.random.default_rng([self.seed, self.process_index, index])
-        image, depth, _ = augment(ex["image"], ex["depth"], self.aug, rng, position=index % self.shard_len)
+    def global_position(self, k: int) -> int:
+        step, r = divmod(int(k), self.host_batch)
+        return step * self.global_batch + self.process_index * self.host_batch + r
+
+    def __call__(self, k: int) -> dict:
+        j = self.global_position(k)
+        ex = decode_record(self.source[int(self.order[j])], self.class_key)
+        rng = np.random.default_rng([self.seed, j])
+        image, depth, _ = augment(ex["image"], ex["depth"], self.aug, rng, position=j % len(self.source))
         return {"image": image, "depth": depth, "class_id": ex["class_id"], "valid": np.bool_(True)}
 
 
@@ -130,14 +138,13 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
     batch = global_batch_size // process_count
     source = open_source(data_dir, dataset, split)
     n = len(source)
-    shard_len = n // process_count  # equal shards, so every host yields the same number of batches
-    if shard_len < batch:
-        raise ValueError(f"{dataset}/{split} has {n} examples: fewer than one batch of {batch} per host "
-                         f"({process_count} hosts)")
-    transform = _TrainTransform(source, aug, int(seed), process_index, process_index * shard_len, shard_len,
+    if n < global_batch_size:
+        raise ValueError(f"{dataset}/{split} has {n} examples: fewer than one global batch of {global_batch_size}")
+    order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
+    steps = len(order) // global_batch_size  # drop_remainder over the whole (global) stream
+    transform = _TrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size,
                                 _class_key(class_rule))
-    ds = grain.MapDataset.range(shard_len).shuffle(seed=int(seed)).repeat(num_epochs)
-    ds = ds.map_with_index(transform)
+    ds = grain.MapDataset.range(steps * batch).map(transform)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
     ids = ids.batch(batch, drop_remainder=True)
     if worker_count > 0:

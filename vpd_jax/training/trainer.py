@@ -205,6 +205,8 @@ def train(cfg, workdir: str) -> dict:
 
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     check_config(cfg, mesh.size)
+    writer.console(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "
+                   f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
     total = int(cfg.train.total_steps)
     model = VPDDepth(model_config(cfg))
     tx, schedule, rules = build_optimizer(cfg)
