@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_init = "official"  # depth-head init: "official" N(0, 0.001) or "mmseg" TruncNormal(0.02)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for speed; the references are fp32)
     c.model.param_dtype = "float32"  # parameter storage dtype
+    c.model.matmul_precision = "default"  # fp32 dots/convs on GPUs: "default" (TF32 allowed, fast) or "highest" (exact fp32)
     c.model.remat = False  # rematerialise UNet blocks in the backward pass (official use_checkpoint=True)
     c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU), "xla", "cudnn", "einsum"
     c.model.init = "fast"  # random init: "fast" (seeded host fill by name) or "flax" (module initialisers)

@@ -18,6 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The parity tests compare fp32 against PyTorch at 1e-4..1e-6: on GPUs XLA's default precision would use TF32
+# (3e-3 max abs error on the tiny UNet, seen on an H100), so tests ask for true fp32 everywhere.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 # The official NYU lists of the steering repo, when present (never shipped with the project).
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"

@@ -27,6 +27,12 @@ def setup_jax(config=None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if jax.default_backend() == "cpu":
         jax.config.update("jax_threefry_partitionable", False)
+    precision = getattr(getattr(config, "model", None), "matmul_precision", "default") or "default"
+    if precision not in ("default", "high", "highest"):
+        raise SystemExit(f"error: model.matmul_precision {precision!r} is not 'default', 'high' or 'highest'")
+    if precision != "default":
+        # float32 matmuls/convolutions: "highest" is true fp32 (PyTorch parity), "default" lets GPUs use TF32.
+        jax.config.update("jax_default_matmul_precision", precision)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
