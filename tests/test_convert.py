@@ -261,3 +261,15 @@ def test_cli_reports_a_foreign_checkpoint(checkpoint_files, capsys):
     err = capsys.readouterr().err
     assert "conv1.weight" in err and "fc.bias" in err
     assert not (root / "never").exists()
+
+
+def test_cli_records_the_training_crop_for_inference(checkpoint_files, capsys):
+    from vpd_jax.inference import load_model
+
+    root, official, _, cfg = checkpoint_files
+    out = root / "converted_512"
+    assert convert_tool.main([str(official), "--out", str(out), "--config", str(cfg), "--crop", "512"]) == 0
+    assert json.loads((out / "config.json").read_text())["crop"] == 512
+    assert load_model(out)[2] == 512  # predict.py / Predictor then slide 512 windows without --crop
+    assert convert_tool.main([str(official), "--out", str(root / "never"), "--crop", "7"]) == 2
+    assert "--crop 7" in capsys.readouterr().err

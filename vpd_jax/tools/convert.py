@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON file with a VPDConfig dict, for a non-SD-1.5 architecture")
     parser.add_argument("--max-depth", type=float, default=None,
                         help="depth range of the sigmoid output in metres (default 10, the NYUv2 models')")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="the square training crop (480 for the released NYU models, 512 for mmseg's 512 "
+                             "config); recorded so that predict.py/eval.py slide windows of that size")
     args = parser.parse_args(argv)
+    if args.crop is not None and args.crop < 32:
+        print(f"error: --crop {args.crop}: expected the training crop in pixels (e.g. 480 or 512)", file=sys.stderr)
+        return 2
 
     from vpd_jax.models.vpd import VPDConfig
     from vpd_jax.weights import vpd_checkpoint as vc
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.max_depth is not None:
         conv.config = conv.config.replace(max_depth=args.max_depth)
-    vc.save_converted(conv, out)
+    vc.save_converted(conv, out, crop=args.crop)
 
     n_params = sum(a.size for a in flatten(conv.variables["params"]).values())
     table = conv.variables["constants"]["class_embeddings"]

@@ -374,8 +374,10 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
-def save_converted(conv: Conversion, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write ``out_dir/config.json`` and ``out_dir/variables`` (orbax). Refuses to overwrite a checkpoint."""
+def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | None = None) -> pathlib.Path:
+    """Write ``out_dir/config.json`` and ``out_dir/variables`` (orbax). Refuses to overwrite a checkpoint.
+
+    ``crop``: the square crop the model was trained at (480 or 512), recorded for inference's windows."""
     import orbax.checkpoint as ocp
 
     out = pathlib.Path(out_dir).expanduser().resolve()
@@ -389,6 +391,8 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike) -> pathlib.Path
                    "class_rule": conv.format,
                    "skipped": summarise_skipped(conv.skipped)},
     }
+    if crop:
+        meta["crop"] = int(crop)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(out / VARIABLES_DIR, conv.variables)
     ckptr.wait_until_finished()
