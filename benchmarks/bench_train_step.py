@@ -12,8 +12,8 @@ A case is ``framework:dtype[:remat][:attention]``:
 
 * ``jax:bf16:remat:cudnn``: our ``make_train_step`` as ``train.py`` builds it (AdamW groups, VAE frozen,
   BatchNorm groups of the per-device batch, batch-pooled SiLog), compute in bf16 with fp32 parameters, norms
-  and softmax; ``remat`` = per-block rematerialisation; attention ``xla``/``cudnn``/``einsum`` (default: JAX's
-  choice). fp32 cases use XLA's default GPU precision (TF32 tensor cores for matmuls and convolutions).
+  and softmax; ``remat`` = per-block rematerialisation; attention ``xla``/``cudnn``/``einsum`` (default: ours,
+  i.e. cuDNN's fused kernel for bf16 on GPUs, XLA for fp32). fp32 cases use XLA's default GPU precision (TF32 tensor cores for matmuls and convolutions).
 * ``torch:fp32[:remat]``: the official recipe in PyTorch: diffusers ``UNet2DConditionModel`` and
   ``AutoencoderKL`` (``no_grad`` encode, ``.mode()``, no scaling), the official head, ``torch.optim.AdamW``
   with the two learning-rate groups; ``remat`` = diffusers gradient checkpointing, which is what the official
