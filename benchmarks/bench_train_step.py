@@ -95,9 +95,12 @@ def _model_flops(batch, size, dtype, model_size) -> float:
     step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
                                 trainable=trainable_mask(abstract["params"], rules))
     b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch_np(batch, size))
-    ca = step_fn.lower(state_abs, b).cost_analysis()
+    lowered = step_fn.lower(state_abs, b)
+    ca = lowered.cost_analysis()
+    if not ca:  # jax 0.11 on GPUs returns None before compilation: count on the compiled step instead
+        ca = lowered.compile().cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", 0.0))
+    return float((ca or {}).get("flops", float("nan")))
 
 
 def _kernel_table(trace_dir: str, steps: int, top: int = 25) -> tuple[str, dict]:
