@@ -13,7 +13,8 @@ A case is ``framework:dtype[:remat][:attention]``:
 * ``jax:bf16:remat:cudnn``: our ``make_train_step`` as ``train.py`` builds it (AdamW groups, VAE frozen,
   BatchNorm groups of the per-device batch, batch-pooled SiLog), compute in bf16 with fp32 parameters, norms
   and softmax; ``remat`` = per-block rematerialisation; attention ``xla``/``cudnn``/``einsum`` (default: ours,
-  i.e. cuDNN's fused kernel for bf16 on GPUs, XLA for fp32). fp32 cases use XLA's default GPU precision (TF32 tensor cores for matmuls and convolutions).
+  i.e. cuDNN's fused kernel for bf16 on GPUs, XLA for fp32). fp32 cases use XLA's default GPU precision
+  (TF32 tensor cores allowed for matmuls and convolutions).
 * ``torch:fp32[:remat]``: the official recipe in PyTorch: diffusers ``UNet2DConditionModel`` and
   ``AutoencoderKL`` (``no_grad`` encode, ``.mode()``, no scaling), the official head, ``torch.optim.AdamW``
   with the two learning-rate groups; ``remat`` = diffusers gradient checkpointing, which is what the official
@@ -55,7 +56,8 @@ def _batch_np(batch: int, size: int, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ JAX
-def _jax_step(batch: int, size: int, dtype: str, remat: bool, attention: str | None, model_size: str):
+def _jax_setup(batch: int, dtype: str, remat: bool, attention: str | None, model_size: str):
+    """``(model, mesh, tx, abstract variables, make_step)``; ``make_step(shardings)`` is the jitted train step."""
     import jax
 
     from vpd_jax import parallel
@@ -80,20 +82,23 @@ def _jax_step(batch: int, size: int, dtype: str, remat: bool, attention: str | N
                                 b["image"], b["class_id"], train=True, mutable=["batch_stats"])
         return silog_loss(pred, b["depth"], "official"), (upd["batch_stats"], {})
 
-    return model, mesh, tx, rules, abstract, loss_fn, S, trainable_mask
+    def make_step(shardings):
+        return S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
+                                 trainable=trainable_mask(abstract["params"], rules))
+
+    return model, mesh, tx, abstract, make_step
 
 
 def _model_flops(batch, size, dtype, model_size) -> float:
-    """XLA's FLOP count of the step without remat and with XLA attention (lowered only, nothing compiled)."""
+    """XLA's FLOP count of the step without remat and with XLA attention (from the lowered step where the
+    backend gives one, else from the compiled step)."""
     import jax
 
     from vpd_jax.training.trainer import abstract_train_state
 
-    model, mesh, tx, rules, abstract, loss_fn, S, trainable_mask = _jax_step(batch, size, dtype, False, "xla",
-                                                                             model_size)
+    model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, False, "xla", model_size)
     state_abs, shardings = abstract_train_state(abstract, tx, mesh)
-    step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
-                                trainable=trainable_mask(abstract["params"], rules))
+    step_fn = make_step(shardings)
     b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch_np(batch, size))
     lowered = step_fn.lower(state_abs, b)
     ca = lowered.cost_analysis()
@@ -142,15 +147,15 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
     from vpd_jax import parallel
     from vpd_jax.training import initialize
 
-    model, mesh, tx, rules, abstract, loss_fn, S, trainable_mask = _jax_step(batch, size, dtype, remat, attention,
-                                                                             model_size)
+    from vpd_jax.training import step as S
+
+    model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, remat, attention, model_size)
     t0 = time.perf_counter()
     variables = initialize.random_variables(model, 0, "fast")
     state, shardings = S.create_train_state_from_variables(variables, tx, mesh, 0)
     del variables
     init_s = time.perf_counter() - t0
-    step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
-                                trainable=trainable_mask(abstract["params"], rules))
+    step_fn = make_step(shardings)
     data = jax.device_put(_batch_np(batch, size), parallel.batch_sharding(mesh))
     compiled, compile_s = S.compile_step(step_fn, state, data)
     ma = compiled.memory_analysis()
@@ -185,10 +190,13 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
 
 # ------------------------------------------------------------------------------------------------ torch
 def _torch_vpd(model_size: str):
+    """diffusers' UNet and VAE, and the official head and text adapter of the tests' PyTorch reference."""
+    import diffusers
     import torch
     import torch.nn as tnn
-    import torch.nn.functional as F
-    import diffusers
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_head import TorchHead, TorchTextAdapter
 
     from vpd_jax.models.vpd import VPDConfig
 
@@ -204,36 +212,12 @@ def _torch_vpd(model_size: str):
         up_block_types=("UpDecoderBlock2D",) * len(v.block_out_channels), layers_per_block=v.layers_per_block,
         latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups)
     del vae.decoder, vae.post_quant_conv  # VPD never decodes
-    chans = list(u.block_out_channels)  # o11, o7, o4, o1 = 320, 640, 1280, 1280 channels
-    c0, c1, nf, dd = chans[0], chans[1], cfg.neck_features, cfg.decoder_features
-
-    class Head(tnn.Module):  # the official VPDDepthEncoder tail + Decoder + last_layer_depth
-        def __init__(self):
-            super().__init__()
-            self.layer1 = tnn.Sequential(tnn.Conv2d(c0, c0, 3, 2, 1), tnn.GroupNorm(16, c0), tnn.ReLU(),
-                                         tnn.Conv2d(c0, c0, 3, 2, 1))
-            self.layer2 = tnn.Conv2d(c1, c1, 3, 2, 1)
-            self.out_layer = tnn.Sequential(tnn.Conv2d(sum(chans), nf, 1), tnn.GroupNorm(16, nf), tnn.ReLU())
-            layers, d = [], nf
-            for f in cfg.deconv_filters:
-                layers += [tnn.ConvTranspose2d(d, f, 2, 2, bias=False), tnn.BatchNorm2d(f), tnn.ReLU()]
-                d = f
-            layers += [tnn.Conv2d(d, dd, 3, 1, 1), tnn.BatchNorm2d(dd), tnn.ReLU()]
-            self.decoder = tnn.Sequential(*layers)
-            self.last = tnn.Sequential(tnn.Conv2d(dd, dd, 3, 1, 1), tnn.ReLU(), tnn.Conv2d(dd, 1, 3, 1, 1))
-            self.adapter = tnn.Sequential(tnn.Linear(cfg.text_dim, cfg.text_dim), tnn.GELU(),
-                                          tnn.Linear(cfg.text_dim, cfg.text_dim))
-            self.gamma = tnn.Parameter(torch.full((cfg.text_dim,), 1e-4))
-
-        def forward(self, feats, valid):
-            o11, o7, o4, o1 = feats
-            x = torch.cat([self.layer1(o11), self.layer2(o7), o4, F.interpolate(o1, scale_factor=2)], 1)
-            x = self.out_layer(x)[:, :, : valid[0], : valid[1]]
-            x = self.decoder(x)
-            x = F.interpolate(F.interpolate(x, scale_factor=2, mode="bilinear"), scale_factor=2, mode="bilinear")
-            return torch.sigmoid(self.last(x)) * cfg.max_depth
-
-    return unet, vae, Head(), cfg
+    head = tnn.Module()  # everything the optimizer trains besides the UNet
+    head.dec = TorchHead(list(u.block_out_channels), cfg.neck_features, cfg.deconv_filters, cfg.decoder_features,
+                         cfg.max_depth)  # the maps o11, o7, o4, o1 have 320, 640, 1280, 1280 channels
+    head.adapter = TorchTextAdapter(cfg.text_dim)
+    head.gamma = tnn.Parameter(torch.full((cfg.text_dim,), 1e-4))
+    return unet, vae, head, cfg
 
 
 def run_torch(batch, size, dtype, remat, steps, model_size) -> dict:
@@ -273,9 +257,9 @@ def run_torch(batch, size, dtype, remat, steps, model_size) -> dict:
             latents = vae.encode(x).latent_dist.mode()
         with amp:
             e = table[ids]
-            ctx = (e + head.gamma * head.adapter(e))[:, None, :]
+            ctx = head.adapter(e, head.gamma)[:, None, :]
             unet(latents, t_ones, ctx)
-            pred = head([feats[3], feats[2], feats[1], feats[0]], valid_hw)[:, 0, :size, :size].float()
+            pred = head.dec([feats[3], feats[2], feats[1], feats[0]], valid_hw)[:, 0, :size, :size].float()
         valid = depth > 1e-3  # the official batch-pooled SiLog, lambda 0.5, no x10
         d = torch.log(depth[valid]) - torch.log(pred[valid])
         loss = torch.sqrt((d**2).mean() - 0.5 * d.mean() ** 2)
@@ -316,7 +300,8 @@ def one_case(a) -> dict:
     if c["framework"] == "jax":
         import jax
 
-        jax.config.update("jax_threefry_partitionable", False) if jax.default_backend() == "cpu" else None
+        if jax.default_backend() == "cpu":
+            jax.config.update("jax_threefry_partitionable", False)
         out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model, a.profile)
         out["device"] = jax.devices()[0].device_kind
     else:
@@ -347,7 +332,8 @@ def main(argv=None) -> None:
     if a.flops:
         import jax
 
-        jax.config.update("jax_threefry_partitionable", False) if jax.default_backend() == "cpu" else None
+        if jax.default_backend() == "cpu":
+            jax.config.update("jax_threefry_partitionable", False)
         print("RESULT " + json.dumps({"flops": _model_flops(a.batch, a.size, "bf16", a.model)}), flush=True)
         return
     if a.case:

@@ -344,6 +344,10 @@ def test_cudnn_attention_matches_einsum_on_gpu():
     ref = attention(q, k, v, scale=40 ** -0.5, impl="einsum").astype(jnp.float32)
     out = jax.jit(lambda a, b, c: attention(a, b, c, scale=40 ** -0.5, impl="cudnn"))(q, k, v).astype(jnp.float32)
     assert float(jnp.max(jnp.abs(out - ref))) < 2e-2
+    # One key (VPD's cross-attention): cuDNN refuses a length-1 key sequence, so this runs only via the shortcut.
+    one = jax.jit(lambda a, b, c: attention(a, b, c, scale=40 ** -0.5, impl="cudnn"))(q, k[:, :1], v[:, :1])
+    np.testing.assert_array_equal(np.asarray(one, np.float32),
+                                  np.broadcast_to(np.asarray(v[:, :1], np.float32), q.shape))
 
 
 def test_attention_implementations_agree_on_cpu():

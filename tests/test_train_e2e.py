@@ -80,7 +80,8 @@ def _final_params(wd):
     ckptr, path = ocp.PyTreeCheckpointer(), root / str(step) / "state"
     # As host numpy arrays, whatever devices (or processes) wrote the checkpoint.
     meta = ckptr.metadata(path)
-    meta = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    meta = getattr(meta, "item_metadata", meta)  # orbax 0.12: StepMetadata -> the tree's metadata
+    meta = getattr(meta, "tree", meta)
     import jax
 
     tree = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
