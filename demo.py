@@ -9,10 +9,19 @@
 """
 
 import os
+import shutil
 import sys
 import time
 
 OUT = "demo_out"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def main() -> int:
@@ -29,11 +38,19 @@ def main() -> int:
 
     from vpd_jax.data import catalog
     from vpd_jax.data import prepare
+    from vpd_jax.data import synthetic
     from vpd_jax.data.loader import make_eval_loader, open_source
     from vpd_jax.evaluation import evaluator as E
     from vpd_jax.training import trainer
 
     t0 = time.perf_counter()
+    workdir = os.path.join(OUT, "workdir")
+    stamp = os.path.join(cfg.data_dir, "synthetic_generator_version.txt")
+    stale = os.path.isdir(cfg.data_dir) and _read(stamp) != str(synthetic.GENERATOR_VERSION)
+    if stale:  # scenes (and a model trained on them) from an older generator: redo both
+        print(f"== {cfg.data_dir} holds scenes of an older generator: preparing them again", flush=True)
+        shutil.rmtree(cfg.data_dir)
+        shutil.rmtree(workdir, ignore_errors=True)
     try:
         catalog.require(cfg.data_dir, cfg.dataset, "test")
     except catalog.DatasetNotFoundError:
@@ -42,9 +59,10 @@ def main() -> int:
                            "--width", "160", "--data_dir", cfg.data_dir])
         if rc:
             return rc
+        with open(stamp, "w") as f:
+            f.write(str(synthetic.GENERATOR_VERSION))
 
     print("== training configs/demo.py", flush=True)
-    workdir = os.path.join(OUT, "workdir")
     with cli.user_errors():
         summary = trainer.train(cfg, workdir)
     t_train = time.perf_counter() - t0

@@ -109,3 +109,29 @@ def test_image_carries_the_depth_structure():
     all_depth = np.concatenate([s.depth.ravel() for s in train])
     assert (all_depth > 0).mean() > 0.9 and all_depth.max() <= syn.MAX_DEPTH
     assert np.std([s.image.mean() for s in train]) > 5  # lighting and materials vary
+
+
+def _pooled_log_luminance_and_depth(split: str, n: int, h: int = 48, w: int = 64, pool: int = 8):
+    x, y = [], []
+    for i in range(n):
+        sc = syn.generate_scene(2, i // 4, i % 4, h, w, split)
+        g = sc.image.astype(np.float64).mean(-1).reshape(h // pool, pool, w // pool, pool).mean((1, 3))
+        d = sc.depth.astype(np.float64).reshape(h // pool, pool, w // pool, pool)
+        full = (d > 0).all((1, 3))
+        x.append(np.log(g[full] / 255.0 + 1e-3))
+        y.append(d.mean((1, 3))[full])
+    return np.concatenate(x), np.concatenate(y)
+
+
+def test_brightness_is_a_depth_cue_a_linear_fit_can_read():
+    """The flash makes brightness fall off with distance: a two-parameter fit of log depth on the log luminance
+    of 8x8 blocks (what survives the VAE's downsampling) beats the constant mean depth on unseen rooms by a wide
+    margin. With the ceiling light alone (the generator before the flash) this fit did no better than the
+    constant (RMSE 1.52 vs 1.51 m at 120x160)."""
+    x, y = _pooled_log_luminance_and_depth("train", 48)
+    xt, yt = _pooled_log_luminance_and_depth("test", 24)
+    slope, icpt = np.polyfit(x, np.log(y), 1)
+    assert slope < -0.8  # darker is farther (irradiance ~ 1/d^2, encoded with gamma 2.2: about -0.9)
+    rmse_fit = np.sqrt(np.mean((np.exp(icpt + slope * xt) - yt) ** 2))
+    rmse_const = np.sqrt(np.mean((y.mean() - yt) ** 2))
+    assert rmse_fit < 0.75 * rmse_const, (rmse_fit, rmse_const)
