@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .jax_cache

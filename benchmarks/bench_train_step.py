@@ -108,8 +108,11 @@ def _model_flops(batch, size, dtype, model_size) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
-def _kernel_table(trace_dir: str, steps: int, top: int = 25) -> tuple[str, dict]:
-    """Per-kernel device time from a ``jax.profiler`` perfetto trace: the top kernels and totals by kind."""
+def _kernel_table(trace_dir: str, steps: int, top: int = 25, sources: dict | None = None) -> tuple[str, dict]:
+    """Per-kernel device time from a ``jax.profiler`` perfetto trace: the top kernels and totals by kind.
+
+    ``sources`` (``vpd_jax.tools.hlo_sources`` of the compiled step) adds each XLA kernel's op name and source
+    line; library kernels (cuDNN, cuBLAS) have none."""
     import glob
     import gzip
     import re
@@ -137,11 +140,15 @@ def _kernel_table(trace_dir: str, steps: int, top: int = 25) -> tuple[str, dict]
     lines = [f"device kernel time per step: {total:.1f} ms"]
     lines += [f"  {k:<22} {v:8.1f} ms {100 * v / total:5.1f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
     lines.append(f"top {top} kernels (ms per step):")
-    lines += [f"  {v:8.2f}  {k[:110]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {v:8.2f}  {k[:110]}")
+        where = (sources or {}).get(k)
+        if where:
+            lines.append(f"            <- {where[-160:]}")
     return "\n".join(lines), kinds
 
 
-def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=None) -> dict:
+def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=None, hlo_path=None) -> dict:
     import jax
 
     from vpd_jax import parallel
@@ -156,6 +163,8 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
     del variables
     init_s = time.perf_counter() - t0
     step_fn = make_step(shardings)
+    if profile:  # a persistent-cache hit would carry the source lines of whatever code compiled it first
+        jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
     data = jax.device_put(_batch_np(batch, size), parallel.batch_sharding(mesh))
     compiled, compile_s = S.compile_step(step_fn, state, data)
     ma = compiled.memory_analysis()
@@ -178,7 +187,13 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
                 for _ in range(3):
                     state, m = compiled(state, data)
                 jax.block_until_ready(m["loss"])
-            table, kinds = _kernel_table(d, 3)
+            from vpd_jax.tools.hlo_sources import hlo_sources
+
+            text = compiled.as_text()
+            if hlo_path:  # the optimized HLO, to trace any kernel of the table back to the model by hand
+                with open(hlo_path, "w") as f:
+                    f.write(text)
+            table, kinds = _kernel_table(d, 3, sources=hlo_sources(text))
         print(table, file=sys.stderr, flush=True)
         extra["kernel_ms"] = kinds
     return {**extra, "compile_s": compile_s, "init_s": init_s, "step_s": statistics.median(times),
@@ -302,7 +317,11 @@ def one_case(a) -> dict:
 
         if jax.default_backend() == "cpu":
             jax.config.update("jax_threefry_partitionable", False)
-        out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model, a.profile)
+        hlo = (os.path.join(a.logdir, "".join(ch if ch.isalnum() else "_" for ch in a.case) + ".hlo.txt")
+               if a.logdir and a.profile else None)
+        if hlo:
+            os.makedirs(a.logdir, exist_ok=True)
+        out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model, a.profile, hlo)
         out["device"] = jax.devices()[0].device_kind
     else:
         import torch
@@ -325,7 +344,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget_s", type=float, default=540.0, help="no case is started after this many seconds")
     ap.add_argument("--json", default=None, help="also write every result here")
     ap.add_argument("--logdir", default=None, help="write each case's stderr here")
-    ap.add_argument("--profile", action="store_true", help="JAX cases: profile 3 steps, log a per-kernel table")
+    ap.add_argument("--profile", action="store_true",
+                    help="JAX cases: profile 3 steps, log a per-kernel table with each XLA kernel's source line "
+                         "(and, with --logdir, write the optimized HLO there)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     ap.add_argument("--flops", action="store_true", help="print the model FLOPs per step and exit")
     a = ap.parse_args(argv)
@@ -342,7 +363,7 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     common = ["--batch", str(a.batch), "--size", str(a.size), "--steps", str(a.steps), "--model", a.model,
-              *(["--profile"] if a.profile else [])]
+              *(["--profile"] if a.profile else []), *(["--logdir", a.logdir] if a.logdir else [])]
 
     def child(extra):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), *common, *extra], capture_output=True,
