@@ -32,7 +32,31 @@ jax.config.update("jax_threefry_partitionable", False)
 GiB = 1024**3
 
 
-def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480):
+TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+
+
+def gpu_devices(target: str, n: int):
+    """``n`` abstract GPUs of ``target`` (a name under benchmarks/gpu_targets or a GpuTargetConfig .txtpb file)
+    for deviceless compilation: needs the CUDA PJRT plugin (``pip install jax[cuda13]``), not a GPU."""
+    from jax.experimental import topologies
+
+    path = target if os.path.isfile(target) else os.path.join(TARGETS, target + ".txtpb")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --target {target!r}: no file {path} (known: "
+                         f"{sorted(f[:-6] for f in os.listdir(TARGETS) if f.endswith('.txtpb'))})")
+    with open(path) as f:
+        config = f.read()
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{n}")
+    except Exception as e:  # noqa: BLE001 (the plugin's errors are plain RuntimeErrors)
+        raise SystemExit(f"error: --target {target}: cannot describe {n} CUDA devices without a GPU ({e}); "
+                         "install the CUDA plugin (pip install jax[cuda13]) and set "
+                         "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a machine without a GPU") from None
+    return list(topo.devices)
+
+
+def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, target: str = "host",
+             hlo_dir: str | None = None):
     from vpd_jax import parallel
     from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
     from vpd_jax.training import step as S
@@ -41,9 +65,12 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480):
     from vpd_jax.training.schedules import official_schedule
     from vpd_jax.training.trainer import abstract_train_state
 
-    devices = jax.devices()[:fsdp]
+    if target == "host":
+        devices, attention = jax.devices()[:fsdp], None  # None: what a run on this backend would pick
+    else:  # what a run on the GPU would pick: cuDNN's fused attention for bf16 where it can, XLA's for fp32
+        devices, attention = gpu_devices(target, fsdp), ("cudnn_or_xla" if dtype == "bfloat16" else "xla")
     mesh = parallel.make_mesh(1, fsdp, devices)
-    model = VPDDepth(VPDConfig(dtype=dtype, remat=remat))
+    model = VPDDepth(VPDConfig(dtype=dtype, remat=remat, attention_impl=attention))
     abstract = abstract_variables(model)
     rules = ParamRules()
     tx = adamw(official_schedule(), weight_decay=0.1, rules=rules)
@@ -56,7 +83,8 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480):
         return silog_loss(pred, b["depth"], "official"), (upd["batch_stats"], {})
 
     step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
-                                trainable=trainable_mask(abstract["params"], rules))
+                                trainable=trainable_mask(abstract["params"], rules),
+                                state_layout=os.environ.get("VPD_STATE_LAYOUT", "default"))
     g = batch * fsdp
     bs = parallel.batch_sharding(mesh)
     batch_abs = {"image": jax.ShapeDtypeStruct((g, size, size, 3), jnp.uint8, sharding=bs),
@@ -64,13 +92,18 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480):
                  "class_id": jax.ShapeDtypeStruct((g,), jnp.int32, sharding=bs),
                  "valid": jax.ShapeDtypeStruct((g,), jnp.bool_, sharding=bs)}
     compiled, secs = S.compile_step(step_fn, abstract_state, batch_abs)
+    if hlo_dir:  # the optimized HLO, e.g. for vpd_jax.tools.hlo_sources
+        os.makedirs(hlo_dir, exist_ok=True)
+        name = f"{target}_b{batch}_{dtype}_remat{int(remat)}_fsdp{fsdp}.hlo.txt"
+        with open(os.path.join(hlo_dir, name), "w") as f:
+            f.write(compiled.as_text())
     ma = compiled.memory_analysis()
     args, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                               ma.temp_size_in_bytes)
     ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}  # None from a deviceless GPU compile
     return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
-            "compile_s": secs, "tflop": float(ca.get("flops", 0)) / 1e12}  # the partitioned module: per device
+            "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12}  # the partitioned module: per device
 
 
 def main(argv=None):
@@ -81,11 +114,16 @@ def main(argv=None):
     p.add_argument("--fsdp", default="1,8")
     p.add_argument("--size", type=int, default=480)
     p.add_argument("--budget_s", type=float, default=1200.0)
+    p.add_argument("--target", default="host",
+                   help="host: this machine's backend (8 simulated devices on a CPU); or a GPU to compile for "
+                        "without one, e.g. h100 (benchmarks/gpu_targets/h100.txtpb) or a GpuTargetConfig file")
+    p.add_argument("--hlo_dir", default=None, help="also write each case's optimized HLO text here")
     a = p.parse_args(argv)
     cases = [(b, d, bool(int(r)), f) for f in map(int, a.fsdp.split(",")) for r in a.remat.split(",")
              for d in a.dtypes.split(",") for b in map(int, a.batches.split(","))]
-    print(f"{jax.devices()[0].platform} x{len(jax.devices())}; {len(cases)} cases; budget {a.budget_s:.0f}s",
-          flush=True)
+    where = (f"{jax.devices()[0].platform} x{len(jax.devices())}" if a.target == "host"
+             else f"deviceless XLA:GPU for {a.target}")
+    print(f"{where}; jax {jax.__version__}; {len(cases)} cases; budget {a.budget_s:.0f}s", flush=True)
     head = (f"{'batch/dev':>9} {'dtype':>8} {'remat':>5} {'fsdp':>4} | {'params+opt (GiB)':>16} {'temp (GiB)':>10} "
             f"{'total/dev (GiB)':>15} | {'TFLOP/dev/step':>14} {'compile s':>9}")
     print(head + "\n" + "-" * len(head), flush=True)
@@ -96,7 +134,7 @@ def main(argv=None):
             print(f"(budget: {left:.0f}s left < {last:.0f}s per case; skipping the rest)")
             break
         t = time.perf_counter()
-        res = one_case(b, d, r, f, a.size)
+        res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir)
         last = time.perf_counter() - t
         print(f"{b:>9} {d:>8} {str(r):>5} {f:>4} | {res['args']:>16.2f} {res['temp']:>10.2f} {res['total']:>15.2f} | "
               f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f}", flush=True)

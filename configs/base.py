@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # parameter storage dtype
     c.model.matmul_precision = "default"  # fp32 dots/convs on GPUs: "default" (TF32 allowed, fast) or "highest" (exact fp32)
     c.model.remat = False  # rematerialise UNet blocks in the backward pass (official use_checkpoint=True)
-    c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU), "xla", "cudnn", "einsum"
+    c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU); einsum|xla|cudnn|cudnn_or_xla
     c.model.init = "fast"  # random init: "fast" (seeded host fill by name) or "flax" (module initialisers)
     c.pretrained = ""  # SD weights for unet+vae: hub id, diffusers folder or CompVis .ckpt/.safetensors
     c.class_embeddings = ""  # .npy (27 or 28, text_dim) CLIP scene table (python -m vpd_jax.tools.class_embeddings)

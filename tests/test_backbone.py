@@ -348,6 +348,12 @@ def test_cudnn_attention_matches_einsum_on_gpu():
     one = jax.jit(lambda a, b, c: attention(a, b, c, scale=40 ** -0.5, impl="cudnn"))(q, k[:, :1], v[:, :1])
     np.testing.assert_array_equal(np.asarray(one, np.float32),
                                   np.broadcast_to(np.asarray(v[:, :1], np.float32), q.shape))
+    # Head dim 160 (SD-1.5's 1280-wide levels): cuDNN refuses it, "cudnn_or_xla" (the GPU default) runs XLA's.
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 256, 8, 160)), jnp.bfloat16) for _ in range(3))
+    with pytest.raises((NotImplementedError, ValueError)):
+        attention(q, k, v, scale=160 ** -0.5, impl="cudnn")
+    np.testing.assert_array_equal(np.asarray(attention(q, k, v, scale=160 ** -0.5, impl="cudnn_or_xla"), np.float32),
+                                  np.asarray(attention(q, k, v, scale=160 ** -0.5, impl="xla"), np.float32))
 
 
 def test_attention_implementations_agree_on_cpu():
@@ -357,6 +363,11 @@ def test_attention_implementations_agree_on_cpu():
     a = attention(q, k, v, scale=8 ** -0.5, impl="einsum")
     b = attention(q, k, v, scale=8 ** -0.5, impl="xla")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # No cuDNN on a CPU host: "cudnn_or_xla" is XLA's attention, bit for bit; "cudnn" itself fails loudly.
+    c = attention(q, k, v, scale=8 ** -0.5, impl="cudnn_or_xla")
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
+    with pytest.raises(RuntimeError):
+        attention(q, k, v, scale=8 ** -0.5, impl="cudnn")
     with pytest.raises(ValueError, match="not one of"):
         attention(q, k, v, scale=1.0, impl="flash")
 

@@ -60,3 +60,38 @@ ENTRY %main.2 (x: f32[4]) -> f32[4] {
     where = hlo_sources(text)
     assert where["input_transpose_fusion_29"] == "jit(f)/blk/transpose @ model.py:9"
     assert where["a"] == "jit(f)/add @ model.py:3"
+
+
+def test_entry_output_bytes_and_the_summary(tmp_path, capsys):
+    from vpd_jax.tools.hlo_sources import entry_outputs, main
+
+    text = """HloModule m
+
+%fused_computation.7 (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}, metadata={op_name="jit(f)/blocks_3/transpose" source_file="/x/model.py" source_line=9}
+}
+
+%fused_computation.8 (p: f32[4,8]) -> (bf16[8,4], f32[4,8]) {
+  %p = f32[4,8]{1,0} parameter(0)
+  %c = bf16[4,8]{1,0} convert(%p), metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
+  %t = bf16[8,4]{1,0} transpose(%c), dimensions={1,0}, metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
+  ROOT %r = (bf16[8,4]{1,0}, f32[4,8]{1,0}) tuple(%t, %p)
+}
+
+ENTRY %main.2 (x: f32[4,8]) -> f32[8,4] {
+  %x = f32[4,8]{0,1} parameter(0)
+  %input_transpose_fusion.1 = (bf16[8,4]{1,0}, f32[4,8]{1,0}) fusion(%x), kind=kInput, calls=%fused_computation.8
+  ROOT %input_transpose_fusion.29 = f32[8,4]{1,0} fusion(%x), kind=kInput, calls=%fused_computation.7
+}
+"""
+    rows = entry_outputs(text, "transpose")
+    assert rows == [("input_transpose_fusion.1", "fusion", 8 * 4 * 2 + 4 * 8 * 4),
+                    ("input_transpose_fusion.29", "fusion", 8 * 4 * 4)]
+    path = tmp_path / "step.hlo.txt"
+    path.write_text(text)
+    assert main([str(path), "--match", "transpose"]) == 0
+    out = capsys.readouterr().out
+    assert "2 entry instructions match 'transpose'" in out
+    # blocks_3 and blocks_4 fold into one group (the fusion without an op_name ROOT falls back to its first).
+    assert "x2" in out and "jit(f)/blocks_N/transpose @ model.py:9" in out

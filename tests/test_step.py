@@ -70,6 +70,26 @@ def test_state_layout(mesh1):
     assert all(s.mesh is mesh1 for s in jax.tree.leaves(shardings))
 
 
+def test_auto_state_layout_trains_like_the_default(mesh1):
+    """``state_layout="auto"``: compiled for abstract state, the state moved once into the chosen layouts, and
+    then the same training (on a CPU the chosen layouts are the default ones; on GPUs they differ)."""
+    with jax.threefry_partitionable(False):
+        ref_params = toy.run(mesh1, steps=2)[0]
+        tx = O.adamw(toy.schedules.mmseg_schedule(base_lr=1e-2, warmup_end=4, decay_end=8))
+        state, shardings = step.create_train_state(toy.init_fn, tx, mesh1, 0, fsdp_min_size=toy.FSDP_MIN_SIZE)
+        fn = step.make_train_step(toy.loss_fn, tx, mesh1, shardings, group_size=2,
+                                  trainable=O.trainable_mask(state.params), state_layout="auto")
+        batches = [parallel.shard_batch(toy.make_batch(16, seed=i), mesh1) for i in range(2)]
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        compiled, _ = step.compile_step(fn, abstract, batches[0])
+        state = jax.device_put(state, compiled.input_formats[0][0])
+        for b in batches:
+            state, _ = compiled(state, b)
+    assert toy.max_abs_diff(jax.device_get(state.params), ref_params) == 0.0
+    with pytest.raises(ValueError, match="state_layout"):
+        step.make_train_step(toy.loss_fn, tx, mesh1, shardings, state_layout="nhwc")
+
+
 def test_accumulation_4x2_equals_one_batch_of_8(mesh1):
     full = _run(mesh1, num_microbatches=1, group_size=2, batch_size=8)
     accum = _run(mesh1, num_microbatches=4, group_size=2, batch_size=8)

@@ -96,13 +96,16 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
     return emb
 
 
-ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn", "cudnn_or_xla")
 
 
 def attention(q, k, v, *, scale: float, impl: str | None = None):
     """Softmax attention over (B, T, N, H) inputs; logits and softmax in float32.
 
     ``impl``: ``"xla"``/``"cudnn"`` call ``jax.nn.dot_product_attention`` with that implementation;
+    ``"cudnn_or_xla"`` takes cuDNN's fused kernel where it accepts the shape (head dim <= 128: SD-1.5's 1280-wide
+    levels have 160) and XLA's elsewhere, which is what ``None`` does for bf16/fp16 on GPUs (and what a
+    deviceless GPU compile on a CPU host must ask for by name, benchmarks/memory_aot.py --target);
     ``"einsum"`` is a head-major formulation that XLA's CPU backend runs about twice as fast as
     ``jax.nn.dot_product_attention``'s XLA path (benchmarks/bench_unet.py). ``None`` picks ``"einsum"`` on CPU,
     cuDNN's fused attention on GPUs for bf16/fp16 inputs (``jax.nn.dot_product_attention``'s own default is XLA,
@@ -119,11 +122,14 @@ def attention(q, k, v, *, scale: float, impl: str | None = None):
     if impl is None:
         backend = jax.default_backend()
         if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:  # cuDNN's fused flash attention: 1.5x the whole bf16 train step on an H100 (README)
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-            except (NotImplementedError, ValueError):  # a shape or cuDNN version it does not take
-                pass
-        impl = "einsum" if backend == "cpu" else "xla"
+            impl = "cudnn_or_xla"  # cuDNN's fused flash attention: 1.5x the whole bf16 train step on an H100
+        else:
+            impl = "einsum" if backend == "cpu" else "xla"
+    if impl == "cudnn_or_xla":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):  # a shape, cuDNN version or host it does not take
+            impl = "xla"
     if impl != "einsum":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
     dtype = q.dtype

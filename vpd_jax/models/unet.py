@@ -393,8 +393,8 @@ class UNet2DConditionModel(nn.Module):
       config: the architecture (``UNetConfig.from_diffusers(config_json)``).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); normalisation statistics and attention softmax stay fp32.
       param_dtype: dtype of the parameters (float32 for training).
-      attention_impl: ``None`` (einsum on CPU, ``jax.nn.dot_product_attention``'s choice elsewhere),
-        ``"einsum"``, ``"xla"`` or ``"cudnn"``; see ``attention``.
+      attention_impl: ``None`` (einsum on CPU; on GPUs cuDNN's fused kernel for bf16/fp16 where it takes the
+        shape, XLA otherwise), ``"einsum"``, ``"xla"``, ``"cudnn"`` or ``"cudnn_or_xla"``; see ``attention``.
       remat: rematerialise each ResNet and Transformer block in the backward pass (saves activation memory).
       remat_policy: name of a ``jax.checkpoint_policies`` policy for the remat (None: save nothing).
     """

@@ -63,7 +63,7 @@ class VPDConfig:
     vae: VAEConfig = VAEConfig()
     dtype: str = "float32"  # compute dtype; norms, softmax and the final sigmoid stay fp32
     param_dtype: str = "float32"  # parameter storage dtype
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None, "xla", "cudnn")
+    attention_impl: str | None = None  # None (auto), "einsum", "xla", "cudnn", "cudnn_or_xla": layers.attention
     remat: bool = False  # rematerialise UNet blocks in the backward pass
     remat_policy: str | None = None  # a jax.checkpoint_policies name for that remat
 

@@ -117,3 +117,60 @@ def hlo_sources(text: str) -> dict[str, str]:
         if meta is not None:
             out[kernel_name(name)] = _where(meta, tables)
     return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_ENTRY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def entry_outputs(text: str, match: str = "") -> list[tuple[str, str, int]]:
+    """``(instruction, opcode, output bytes)`` of the entry computation's instructions whose name matches the
+    regular expression ``match``: what each kernel of the step writes (tuples summed)."""
+    start = text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in this HLO text")
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        m = _ENTRY_INSTR.match(line)
+        if not m or not re.search(match, m.group(1)):
+            continue
+        nbytes = 0
+        for dtype, dims in _ARRAY.findall(m.group(2)):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            nbytes += _DTYPE_BYTES.get(dtype, 4) * n
+        rows.append((m.group(1), m.group(3), nbytes))
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+    import collections
+
+    p = argparse.ArgumentParser(description="Output bytes of an optimized HLO's kernels, grouped by source "
+                                            "(e.g. the transposes of a train step).")
+    p.add_argument("hlo", help="optimized HLO text (compiled.as_text(), or memory_aot.py/bench_train_step --hlo*)")
+    p.add_argument("--match", default="", help="regular expression on instruction names, e.g. transpose")
+    p.add_argument("--top", type=int, default=20)
+    a = p.parse_args(argv)
+    with open(a.hlo) as f:
+        text = f.read()
+    where = hlo_sources(text)
+    rows = entry_outputs(text, a.match)
+    print(f"{len(rows)} entry instructions match {a.match!r}; they write {sum(r[2] for r in rows) / 2**30:.2f} GiB")
+    groups = collections.defaultdict(lambda: [0, 0])
+    for name, _, nbytes in rows:
+        # One group per layer kind: block indices (down_blocks_2, resnets_1, ...) folded to _N.
+        key = re.sub(r"_\d+\b", "_N", where.get(kernel_name(name), "(no metadata)"))
+        groups[key][0] += nbytes
+        groups[key][1] += 1
+    for key, (nbytes, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[: a.top]:
+        print(f"{nbytes / 2**20:10.1f} MiB  x{n:<4d} {key[-220:]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
