@@ -56,7 +56,7 @@ def gpu_devices(target: str, n: int):
 
 
 def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, target: str = "host",
-             hlo_dir: str | None = None):
+             hlo_dir: str | None = None, state_layout: str = "default"):
     from vpd_jax import parallel
     from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
     from vpd_jax.training import step as S
@@ -84,7 +84,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
 
     step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
                                 trainable=trainable_mask(abstract["params"], rules),
-                                state_layout=os.environ.get("VPD_STATE_LAYOUT", "default"))
+                                state_layout=state_layout)
     g = batch * fsdp
     bs = parallel.batch_sharding(mesh)
     batch_abs = {"image": jax.ShapeDtypeStruct((g, size, size, 3), jnp.uint8, sharding=bs),
@@ -118,6 +118,8 @@ def main(argv=None):
                    help="host: this machine's backend (8 simulated devices on a CPU); or a GPU to compile for "
                         "without one, e.g. h100 (benchmarks/gpu_targets/h100.txtpb) or a GpuTargetConfig file")
     p.add_argument("--hlo_dir", default=None, help="also write each case's optimized HLO text here")
+    p.add_argument("--state_layout", default="default", choices=["default", "auto"],
+                   help="make_train_step's state_layout: auto lets XLA pick the state's device layouts")
     a = p.parse_args(argv)
     cases = [(b, d, bool(int(r)), f) for f in map(int, a.fsdp.split(",")) for r in a.remat.split(",")
              for d in a.dtypes.split(",") for b in map(int, a.batches.split(","))]
@@ -134,7 +136,7 @@ def main(argv=None):
             print(f"(budget: {left:.0f}s left < {last:.0f}s per case; skipping the rest)")
             break
         t = time.perf_counter()
-        res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir)
+        res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir, a.state_layout)
         last = time.perf_counter() - t
         print(f"{b:>9} {d:>8} {str(r):>5} {f:>4} | {res['args']:>16.2f} {res['temp']:>10.2f} {res['total']:>15.2f} | "
               f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f}", flush=True)
