@@ -35,17 +35,22 @@ GiB = 1024**3
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 
 
-def gpu_devices(target: str, n: int):
-    """``n`` abstract GPUs of ``target`` (a name under benchmarks/gpu_targets or a GpuTargetConfig .txtpb file)
-    for deviceless compilation: needs the CUDA PJRT plugin (``pip install jax[cuda13]``), not a GPU."""
-    from jax.experimental import topologies
-
+def target_config(target: str) -> str:
+    """The GpuTargetConfig text of ``target``: a name under benchmarks/gpu_targets or a .txtpb file."""
     path = target if os.path.isfile(target) else os.path.join(TARGETS, target + ".txtpb")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --target {target!r}: no file {path} (known: "
                          f"{sorted(f[:-6] for f in os.listdir(TARGETS) if f.endswith('.txtpb'))})")
     with open(path) as f:
-        config = f.read()
+        return f.read()
+
+
+def gpu_devices(target: str, n: int):
+    """``n`` abstract GPUs of ``target`` for deviceless compilation: needs the CUDA PJRT plugin
+    (``pip install jax[cuda13]``), not a GPU."""
+    from jax.experimental import topologies
+
+    config = target_config(target)
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{n}")
     except Exception as e:  # noqa: BLE001 (the plugin's errors are plain RuntimeErrors)
@@ -123,6 +128,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     cases = [(b, d, bool(int(r)), f) for f in map(int, a.fsdp.split(",")) for r in a.remat.split(",")
              for d in a.dtypes.split(",") for b in map(int, a.batches.split(","))]
+    if a.target != "host":
+        target_config(a.target)  # a clear error before anything is compiled
+        gpu_devices(a.target, max(map(int, a.fsdp.split(","))))
     where = (f"{jax.devices()[0].platform} x{len(jax.devices())}" if a.target == "host"
              else f"deviceless XLA:GPU for {a.target}")
     print(f"{where}; jax {jax.__version__}; {len(cases)} cases; budget {a.budget_s:.0f}s", flush=True)
