@@ -102,7 +102,7 @@ def _model_flops(batch, size, dtype, model_size) -> float:
 
     model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, False, "xla", model_size)
     state_abs, shardings = abstract_train_state(abstract, tx, mesh)
-    step_fn = make_step(shardings, state_layout)
+    step_fn = make_step(shardings)
     b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch_np(batch, size))
     lowered = step_fn.lower(state_abs, b)
     ca = lowered.cost_analysis()
@@ -322,6 +322,10 @@ def parse_case(case: str) -> dict:
             "state_layout": "auto" if "autolayout" in rest else "default"}
 
 
+def _file_stem(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text)
+
+
 def one_case(a) -> dict:
     c = parse_case(a.case)
     if c["framework"] == "jax":
@@ -329,8 +333,7 @@ def one_case(a) -> dict:
 
         if jax.default_backend() == "cpu":
             jax.config.update("jax_threefry_partitionable", False)
-        hlo = (os.path.join(a.logdir, "".join(ch if ch.isalnum() else "_" for ch in a.case) + ".hlo.txt")
-               if a.logdir and a.profile else None)
+        hlo = os.path.join(a.logdir, _file_stem(a.case) + ".hlo.txt") if a.logdir and a.profile else None
         if hlo:
             os.makedirs(a.logdir, exist_ok=True)
         out = run_jax(a.batch, a.size, c["dtype"], c["remat"], c["attention"], a.steps, a.model, a.profile, hlo,
@@ -383,7 +386,7 @@ def main(argv=None) -> None:
                            text=True)
         if a.logdir:
             os.makedirs(a.logdir, exist_ok=True)
-            name = "".join(ch if ch.isalnum() else "_" for ch in "".join(extra).lstrip("-"))
+            name = _file_stem("".join(extra).lstrip("-"))
             with open(os.path.join(a.logdir, name + ".log"), "w") as f:
                 f.write(p.stdout + "\n" + p.stderr)
         for line in p.stdout.splitlines():

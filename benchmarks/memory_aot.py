@@ -108,7 +108,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}  # None from a deviceless GPU compile
     return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
-            "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12}  # the partitioned module: per device
+            "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12}  # already per device
 
 
 def main(argv=None):
@@ -128,8 +128,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     cases = [(b, d, bool(int(r)), f) for f in map(int, a.fsdp.split(",")) for r in a.remat.split(",")
              for d in a.dtypes.split(",") for b in map(int, a.batches.split(","))]
-    if a.target != "host":
-        target_config(a.target)  # a clear error before anything is compiled
+    if a.target != "host":  # a clear error for a missing target or CUDA plugin before anything is compiled
         gpu_devices(a.target, max(map(int, a.fsdp.split(","))))
     where = (f"{jax.devices()[0].platform} x{len(jax.devices())}" if a.target == "host"
              else f"deviceless XLA:GPU for {a.target}")

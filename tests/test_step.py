@@ -81,6 +81,8 @@ def test_auto_state_layout_trains_like_the_default(mesh1):
                                   trainable=O.trainable_mask(state.params), state_layout="auto")
         batches = [parallel.shard_batch(toy.make_batch(16, seed=i), mesh1) for i in range(2)]
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        with pytest.raises(ValueError, match="AUTO"):  # the auto layouts are really asked for
+            fn(state, batches[0])
         compiled, _ = step.compile_step(fn, abstract, batches[0])
         state = jax.device_put(state, compiled.input_formats[0][0])
         for b in batches:

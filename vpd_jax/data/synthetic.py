@@ -3,16 +3,18 @@
 Each scene is a room box (floor, four walls, ceiling) holding boxes, spheres and vertical cylinders, with
 procedural textures (checkers, stripes, wood-like grain, value noise) lit mostly by a light on the camera (a
 flash: its irradiance falls off with the squared distance), plus a dim ceiling point light, an ambient term
-and a per-image exposure, then encoded with a 2.2 gamma like an sRGB camera. Rays are cast per pixel with numpy; the depth map is the camera-frame
-z of the first hit, i.e. exactly what a Kinect/NYU depth map stores, through the NYU intrinsics
-(fx=518.8579, fy=519.4696, cx=325.5824, cy=253.7362 at 640x480) scaled to the requested size.
+and a per-image exposure, then encoded with a 2.2 gamma like an sRGB camera. Rays are cast per pixel with
+numpy; the depth map is the camera-frame z of the first hit, i.e. exactly what a Kinect/NYU depth map stores,
+through the NYU intrinsics (fx=518.8579, fy=519.4696, cx=325.5824, cy=253.7362 at 640x480) scaled to the
+requested size.
 
 Depth is learnable from the image on purpose: the flash's falloff makes brightness a strong, local cue (as in
 flash photography or an active camera's own illumination; the materials are light-coloured, albedo 0.3-1, so
 albedo does not swamp it), and perspective of the floor and walls, object size, occlusion and texture scale
 carry it too. The flash is what lets the tiny demo model learn clear depth in a few CPU minutes: with only the
-ceiling light, a plain convolutional U-Net trained for 2,000 updates barely beat a constant prediction. Every scene is tagged with an
-NYU scene class; the class also biases its palette and clutter so that the label is informative.
+ceiling light, a plain convolutional U-Net trained for 2,000 updates barely beat a constant prediction.
+Every scene is tagged with an NYU scene class; the class also biases its palette and clutter so that the label
+is informative.
 
 The generator is deterministic given ``(seed, scene index, view index)`` and independent of image size apart
 from sampling, so a test can ask for 48x64 and a demo for 240x320 of the same scenes.

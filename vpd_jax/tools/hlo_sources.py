@@ -3,8 +3,8 @@
 A profiler trace names GPU kernels after the HLO instructions they run (``input_transpose_fusion_29`` is the
 instruction ``input_transpose_fusion.29``), which says little about which line of the model made them. The
 optimized HLO text of the compiled step (``compiled.as_text()``) carries, for each instruction, the JAX op name
-(``jit(step)/.../transpose``, with the Flax module path) and a stack frame (file, line, function). ``hlo_sources`` joins the two so that a
-kernel table can print, next to each kernel, the model code behind it.
+(``jit(step)/.../transpose``, with the Flax module path) and a stack frame (file, line, function).
+``hlo_sources`` joins the two so that a kernel table can print, next to each kernel, the model code behind it.
 
     text = jax.jit(step).lower(*args).compile().as_text()
     where = hlo_sources(text)           # {"input_transpose_fusion_29": "jit(step)/.../transpose @ vae.py:88 (...)"}
@@ -79,7 +79,7 @@ def _where(meta: str, tables) -> str:
 
 
 def hlo_sources(text: str) -> dict[str, str]:
-    """``{kernel name: "op_name @ file:line (function) < caller"}`` for every instruction of the HLO ``text``.
+    """``{kernel name: "op_name @ file:line (function)"}`` for every instruction of the HLO ``text``.
 
     A fusion is described by its fused computation's ROOT (or else its first instruction with metadata), so
     ``input_transpose_fusion_29`` maps to the transpose it was built around rather than to an empty string.
