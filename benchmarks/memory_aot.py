@@ -14,6 +14,10 @@ On a CPU host the compiler is XLA:CPU, whose buffer assignment is close to, but 
 compiler's; on a GPU machine run the same command to get the GPU figures (the device count flag is then
 ignored for GPUs: use --fsdp with the real number of GPUs). A case that compiles for longer than the remaining
 budget is not started; each case prints its line as soon as it is done.
+
+The last two columns are a speed proxy that needs no device: the kernels the step launches, and the GiB that its
+memory-bound kernels (everything but convolutions, GEMMs and attention) read and write
+(``vpd_jax.tools.hlo_sources.entry_traffic``). They describe the GPU program only with ``--target``.
 """
 
 import argparse
@@ -68,6 +72,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     from vpd_jax.training.losses import silog_loss
     from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
     from vpd_jax.training.schedules import official_schedule
+    from vpd_jax.tools.hlo_sources import COMPUTE_KINDS, entry_traffic
     from vpd_jax.training.trainer import abstract_train_state
 
     if target == "host":
@@ -97,18 +102,23 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
                  "class_id": jax.ShapeDtypeStruct((g,), jnp.int32, sharding=bs),
                  "valid": jax.ShapeDtypeStruct((g,), jnp.bool_, sharding=bs)}
     compiled, secs = S.compile_step(step_fn, abstract_state, batch_abs)
+    text = compiled.as_text()
     if hlo_dir:  # the optimized HLO, e.g. for vpd_jax.tools.hlo_sources
         os.makedirs(hlo_dir, exist_ok=True)
         name = f"{target}_b{batch}_{dtype}_remat{int(remat)}_fsdp{fsdp}.hlo.txt"
         with open(os.path.join(hlo_dir, name), "w") as f:
-            f.write(compiled.as_text())
+            f.write(text)
+    # The traffic proxy: kernels launched per step, and bytes moved by the memory-bound ones (not convs/GEMMs).
+    kernels = entry_traffic(text)
+    mem_bound = sum(r + w for _, kind, r, w in kernels if kind not in COMPUTE_KINDS)
     ma = compiled.memory_analysis()
     args, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                               ma.temp_size_in_bytes)
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}  # None from a deviceless GPU compile
     return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
-            "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12}  # already per device
+            "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12,  # already per device
+            "kernels": len(kernels), "mem_bound": mem_bound / GiB}
 
 
 def main(argv=None):
@@ -134,7 +144,7 @@ def main(argv=None):
              else f"deviceless XLA:GPU for {a.target}")
     print(f"{where}; jax {jax.__version__}; {len(cases)} cases; budget {a.budget_s:.0f}s", flush=True)
     head = (f"{'batch/dev':>9} {'dtype':>8} {'remat':>5} {'fsdp':>4} | {'params+opt (GiB)':>16} {'temp (GiB)':>10} "
-            f"{'total/dev (GiB)':>15} | {'TFLOP/dev/step':>14} {'compile s':>9}")
+            f"{'total/dev (GiB)':>15} | {'TFLOP/dev/step':>14} {'compile s':>9} | {'kernels':>7} {'mem-bound GiB':>13}")
     print(head + "\n" + "-" * len(head), flush=True)
     t0, last = time.perf_counter(), 0.0
     for b, d, r, f in cases:
@@ -146,7 +156,8 @@ def main(argv=None):
         res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir, a.state_layout)
         last = time.perf_counter() - t
         print(f"{b:>9} {d:>8} {str(r):>5} {f:>4} | {res['args']:>16.2f} {res['temp']:>10.2f} {res['total']:>15.2f} | "
-              f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f}", flush=True)
+              f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f} | {res['kernels']:>7d} {res['mem_bound']:>13.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

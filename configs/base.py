@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.loss = "official"  # SiLog pooling: "official" (over a group) or "mmseg" (per image, then mean)
     c.train.silog_lambda = 0.5  # SiLog variance weight
     c.train.bn_reduce = "mean"  # how groups' new BN running stats combine: "mean" or "first" (DDP rank 0)
+    c.train.state_layout = "default"  # train state's device layouts: "default" (row-major) or "auto" (XLA picks; GPUs)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.schedule = "official"  # "official" (two-phase poly), "mmseg" (linear warm-up + poly) or "constant"

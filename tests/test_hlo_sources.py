@@ -95,3 +95,38 @@ ENTRY %main.2 (x: f32[4,8]) -> f32[8,4] {
     assert "2 entry instructions match 'transpose'" in out
     # blocks_3 and blocks_4 fold into one group (the fusion without an op_name ROOT falls back to its first).
     assert "x2" in out and "jit(f)/blocks_N/transpose @ model.py:9" in out
+
+
+def test_traffic_counts_every_kernels_operands_and_outputs_by_kind(tmp_path, capsys):
+    from vpd_jax.tools.hlo_sources import entry_traffic, main, traffic_table
+
+    text = """HloModule m
+
+%fused_computation.1 (p: bf16[2,8]) -> bf16[8,2] {
+  %p = bf16[2,8]{1,0} parameter(0)
+  ROOT %t = bf16[8,2]{1,0} transpose(%p), dimensions={1,0}
+}
+
+ENTRY %main.2 (x: f32[2,8], w: bf16[8,4]) -> (f32[2,4], bf16[8,2]) {
+  %x = f32[2,8]{1,0} parameter(0)
+  %w = bf16[8,4]{1,0} parameter(1)
+  %wrapped_convert.3 = bf16[2,8]{1,0} fusion(%x), kind=kLoop, calls=%wrapped_convert_computation.3
+  %b = bf16[8,2]{0,1} bitcast(%wrapped_convert.3)
+  %custom-call.4 = (f32[2,4]{1,0}, s8[16]{0}) custom-call(%wrapped_convert.3, %w), custom_call_target="__cublas$lt$matmul", backend_config={"x":"(y)"}
+  %get-tuple-element.5 = f32[2,4]{1,0} get-tuple-element(%custom-call.4), index=0
+  %input_transpose_fusion.6 = bf16[8,2]{1,0} fusion(%wrapped_convert.3), kind=kInput, calls=%fused_computation.1
+  %copy.7 = bf16[8,2]{1,0} copy(%b)
+  ROOT %tuple.8 = (f32[2,4]{1,0}, bf16[8,2]{1,0}) tuple(%get-tuple-element.5, %input_transpose_fusion.6)
+}
+"""
+    rows = entry_traffic(text)
+    assert rows == [("wrapped_convert.3", "elementwise", 64, 32),
+                    ("custom-call.4", "gemm", 32 + 64, 32 + 16),
+                    ("input_transpose_fusion.6", "transpose", 32, 32),
+                    ("copy.7", "copy", 32, 32)]
+    table = traffic_table(rows, bandwidth=1e12)
+    assert "memory-bound" in table.splitlines()[-1] and " 3 " in table.splitlines()[-1]  # the gemm is not counted
+    path = tmp_path / "step.hlo.txt"
+    path.write_text(text)
+    assert main([str(path), "--traffic"]) == 0
+    assert "transpose" in capsys.readouterr().out

@@ -92,6 +92,35 @@ def test_auto_state_layout_trains_like_the_default(mesh1):
         step.make_train_step(toy.loss_fn, tx, mesh1, shardings, state_layout="nhwc")
 
 
+def test_state_in_non_default_layouts_checkpoints_and_restores(mesh1, tmp_path):
+    """On GPUs ``state_layout="auto"`` leaves state arrays in layouts that are not row-major (conv kernels in cuDNN's
+    OHWI order), and train.py checkpoints them as they are. Forced here on the CPU (every array of rank >= 2
+    column-major): orbax writes the logical values, and they restore into the default layouts unchanged."""
+    from jax.experimental.layout import Format, Layout
+
+    from vpd_jax.training.checkpoint import Checkpointer
+
+    with jax.threefry_partitionable(False):
+        state, shardings = step.create_train_state(toy.init_fn, O.adamw(1e-3), mesh1, 0)
+
+    def column_major(x):
+        if x.ndim < 2:
+            return x
+        return jax.device_put(x, Format(Layout(major_to_minor=tuple(range(x.ndim))), x.sharding))
+
+    moved = jax.tree.map(column_major, state)
+    kernels = [x for x in jax.tree.leaves(moved) if x.ndim >= 2]
+    assert kernels and all(x.format.layout.major_to_minor == tuple(range(x.ndim)) for x in kernels)
+    ckpt = Checkpointer(str(tmp_path), keep=1, async_save=False)
+    ckpt.save(moved, {"table": np.zeros((2, 3), np.float32)}, None, {"step": 0}, force=True)
+    ckpt.wait()
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored, _, _, _ = ckpt.restore(abstract, {"table": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_accumulation_4x2_equals_one_batch_of_8(mesh1):
     full = _run(mesh1, num_microbatches=1, group_size=2, batch_size=8)
     accum = _run(mesh1, num_microbatches=4, group_size=2, batch_size=8)

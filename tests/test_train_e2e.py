@@ -1,7 +1,7 @@
 """train.py / eval.py end to end as subprocesses on tiny synthetic data (micro model, 64x96 scenes).
 
-Resume: a run SIGKILLed after its first checkpoint and restarted ends with exactly the parameters of an
-uninterrupted run. Errors: a missing data directory, a config typo, an incompatible checkpoint and a
+Resume: a run SIGKILLed after its first checkpoint and restarted (with ``train.state_layout=auto``) ends with
+exactly the parameters of an uninterrupted run. Errors: a missing data directory, a config typo, an incompatible checkpoint and a
 non-finite loss each end in one ``error: ...`` line. Subprocesses share the repo's persistent compile cache
 (.jax_cache), so after the first run the steps load instead of compiling.
 """
@@ -111,7 +111,10 @@ def test_killed_run_resumes_to_identical_params(full_run, data_dir, tmp_path):
     proc.wait()
     done = [int(s.name) for s in (wd / "checkpoints").iterdir() if s.name.isdigit()]
     assert done and max(done) < TOTAL, f"the run finished before it was killed ({done})"
-    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}")
+    # The restart also lets XLA pick the state's layouts (train.state_layout=auto): the restored state moves into
+    # them and the result must not change (on a CPU XLA picks the default layouts; GPUs differ).
+    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}",
+             "--config.train.state_layout=auto")
     assert "resumed from" in p.stdout
     step_a, params_a, opt_a = _final_params(full_run[0])
     step_b, params_b, opt_b = _final_params(wd)

@@ -146,18 +146,117 @@ def entry_outputs(text: str, match: str = "") -> list[tuple[str, str, int]]:
     return rows
 
 
+# Kernel kinds of ``entry_traffic``; the last group of kinds is limited by memory bandwidth, not arithmetic.
+COMPUTE_KINDS = ("conv", "gemm", "attention")
+_OPCODES_WITHOUT_KERNEL = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
+                           "partition-id", "replica-id")
+_REFS = re.compile(r"%([\w.\-]+)")
+
+
+def _array_bytes(type_text: str) -> int:
+    nbytes = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        nbytes += _DTYPE_BYTES.get(dtype, 4) * n
+    return nbytes
+
+
+def _kind(name: str, opcode: str, line: str) -> str:
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        target = target.group(1) if target else ""
+        if "conv" in target:
+            return "conv"
+        if "fmha" in target or "attention" in target:
+            return "attention"
+        if "matmul" in target or "gemm" in target:
+            return "gemm"
+        return "custom-call"
+    if opcode == "fusion":
+        if "kind=kCustom" in line:  # Triton: a GEMM, or XLA's normalisation/softmax kernels
+            return "gemm" if "gemm" in line[: line.find("metadata=")] or "gemm" in name else "norm (triton)"
+        for key, kind in (("transpose", "transpose"), ("reduce", "reduce"), ("concatenate", "concat/slice"),
+                          ("slice", "concat/slice")):
+            if key in name:
+                return kind
+        return "elementwise"
+    if opcode in ("copy", "copy-start"):
+        return "copy"
+    return opcode
+
+
+def entry_traffic(text: str) -> list[tuple[str, str, int, int]]:
+    """``(instruction, kind, bytes read, bytes written)`` of every kernel of the entry computation.
+
+    A kernel reads its operands whole and writes its outputs (tuples summed); instructions that launch nothing
+    (parameters, tuples, bitcasts, constants) are left out. ``kind`` is ``conv``/``gemm``/``attention`` for
+    cuDNN/cuBLAS/Triton-GEMM work and otherwise says what the memory-bound kernel does (``transpose``,
+    ``reduce``, ``elementwise``, ``copy``, ...). Bytes are an upper bound for kernels that read only part of
+    an operand (slices), and do not count re-reads within a kernel: a traffic proxy, not a timing."""
+    start = text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in this HLO text")
+    sizes: dict[str, int] = {}
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        m = _ENTRY_INSTR.match(line)
+        if not m:
+            continue
+        name, type_text, opcode = m.groups()
+        written = _array_bytes(type_text)
+        sizes[name] = written
+        if opcode in _OPCODES_WITHOUT_KERNEL:
+            continue
+        operands = line[m.end():]
+        depth, end = 1, 0  # the operand list ends at the parenthesis that closes ``opcode(``
+        for end, ch in enumerate(operands):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                break
+        read = sum(sizes.get(ref, 0) for ref in _REFS.findall(operands[:end]))
+        rows.append((name, _kind(name, opcode, line), read, written))
+    return rows
+
+
+def traffic_table(rows, bandwidth: float = 3.35e12) -> str:
+    """Kernels, GiB read/written and milliseconds at ``bandwidth`` bytes/s per kind, memory-bound total last."""
+    agg: dict[str, list[int]] = {}
+    for _, kind, read, written in rows:
+        a = agg.setdefault(kind, [0, 0, 0])
+        a[0] += 1
+        a[1] += read
+        a[2] += written
+    lines = [f"{'kind':<15} {'kernels':>7} {'read GiB':>9} {'write GiB':>9} {'ms at ' + format(bandwidth / 1e12, 'g') + ' TB/s':>14}"]
+    for kind, (n, r, w) in sorted(agg.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
+        lines.append(f"{kind:<15} {n:>7d} {r / 2**30:>9.2f} {w / 2**30:>9.2f} {(r + w) / bandwidth * 1e3:>14.1f}")
+    mem = [v for k, v in agg.items() if k not in COMPUTE_KINDS]
+    n, rw = sum(v[0] for v in mem), sum(v[1] + v[2] for v in mem)
+    lines.append(f"{'memory-bound':<15} {n:>7d} {rw / 2**30:>19.2f} {rw / bandwidth * 1e3:>14.1f}"
+                 "  (all kinds but conv, gemm, attention; read + write GiB)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
     import collections
 
     p = argparse.ArgumentParser(description="Output bytes of an optimized HLO's kernels, grouped by source "
-                                            "(e.g. the transposes of a train step).")
+                                            "(e.g. the transposes of a train step), or (--traffic) the bytes "
+                                            "every kernel moves, by kind.")
     p.add_argument("hlo", help="optimized HLO text (compiled.as_text(), or memory_aot.py/bench_train_step --hlo*)")
     p.add_argument("--match", default="", help="regular expression on instruction names, e.g. transpose")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--traffic", action="store_true",
+                   help="instead: every kernel's bytes read and written, by kind (a memory-traffic proxy)")
+    p.add_argument("--bandwidth_tbs", type=float, default=3.35, help="for --traffic: memory TB/s (H100 SXM: 3.35)")
     a = p.parse_args(argv)
     with open(a.hlo) as f:
         text = f.read()
+    if a.traffic:
+        print(traffic_table(entry_traffic(text), a.bandwidth_tbs * 1e12))
+        return 0
     where = hlo_sources(text)
     rows = entry_outputs(text, a.match)
     print(f"{len(rows)} entry instructions match {a.match!r}; they write {sum(r[2] for r in rows) / 2**30:.2f} GiB")
