@@ -7,6 +7,7 @@ names (``scale``, ``bias``, ``kernel``) are Flax's, so diffusers' Flax weight fi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,6 +16,105 @@ import numpy as np
 from flax import linen as nn
 
 Dtype = Any
+
+
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
+    """Per (image, group) mean and 1/std of ``x`` (N, ..., C) in float32, two-pass variance; shapes (N, 1, G, 1)."""
+    n, c = x.shape[0], x.shape[-1]
+    g = x.astype(jnp.float32).reshape(n, -1, num_groups, c // num_groups)
+    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _group_xhat(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
+    """The normalised ``x`` in float32, shaped (N, M, C) with M the pixels of one image."""
+    n, c = x.shape[0], x.shape[-1]
+    g = x.astype(jnp.float32).reshape(n, -1, mean.shape[2], c // mean.shape[2])
+    return ((g - mean) * rstd).reshape(n, -1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float, dtype) -> jax.Array:
+    """``torch.nn.functional.group_norm`` over N...C: float32 statistics (two-pass variance), output in ``dtype``.
+
+    The gradient is written out (``custom_vjp``) rather than differentiated through the two passes: one
+    reduction over the pixels gives, per image and channel, ``sum(dy * xhat)`` and ``sum(dy)``, from which come the
+    scale and bias gradients and the two per-group terms of ``dx``; a second kernel forms ``dx``. Mathematically the
+    same gradient (float32 rounding apart, ~1e-7 relative, tests/test_head.py); on an H100 (deviceless XLA:GPU) one
+    GroupNorm + SiLU at SD's 64x64x320 moves 40% fewer bytes than its autodiff (0.29 vs 0.49 GiB at batch 8).
+    """
+    mean, rstd = _group_stats(x, num_groups, epsilon)
+    y = _group_xhat(x, mean, rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.reshape(x.shape).astype(dtype)
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+    mean, rstd = _group_stats(x, num_groups, epsilon)
+    y = _group_xhat(x, mean, rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.reshape(x.shape).astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _group_norm_bwd(num_groups, epsilon, dtype, res, dy):
+    del epsilon, dtype
+    x, mean, rstd, scale, bias = res
+    n, c = x.shape[0], x.shape[-1]
+    cg = c // num_groups
+    count = (x.size // (n * c)) * cg  # elements per (image, group)
+    s = scale.astype(jnp.float32)
+    dyf = dy.astype(jnp.float32).reshape(n, -1, c)
+    xhat = _group_xhat(x, mean, rstd)
+    a = jnp.sum(dyf * xhat, axis=1)  # (N, C)
+    b = jnp.sum(dyf, axis=1)
+    mean_dxhat_xhat = jnp.sum((a * s).reshape(n, num_groups, cg), axis=-1)[:, None, :, None] / count
+    mean_dxhat = jnp.sum((b * s).reshape(n, num_groups, cg), axis=-1)[:, None, :, None] / count
+    dxhat = (dyf * s).reshape(n, -1, num_groups, cg)
+    dx = rstd * (dxhat - mean_dxhat - xhat.reshape(dxhat.shape) * mean_dxhat_xhat)
+    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(a, 0).astype(scale.dtype), jnp.sum(b, 0).astype(bias.dtype)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def _ln_stats(x: jax.Array, epsilon: float):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype) -> jax.Array:
+    """``torch.nn.functional.layer_norm`` over the last axis: float32 statistics (two-pass), output in ``dtype``.
+
+    Like ``group_norm``, the gradient is written out: one row reduction for ``dx``'s two terms, one column
+    reduction for the scale and bias gradients.
+    """
+    mean, rstd = _ln_stats(x, epsilon)
+    y = (x.astype(jnp.float32) - mean) * rstd
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+    mean, rstd = _ln_stats(x, epsilon)
+    y = (x.astype(jnp.float32) - mean) * rstd
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, res, dy):
+    del epsilon, dtype
+    x, mean, rstd, scale, bias = res
+    dyf = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dxhat = dyf * scale.astype(jnp.float32)
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    axes = tuple(range(x.ndim - 1))
+    return (dx.astype(x.dtype), jnp.sum(dyf * xhat, axis=axes).astype(scale.dtype),
+            jnp.sum(dyf, axis=axes).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -32,13 +132,7 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return group_norm(x, scale, bias, self.num_groups, float(self.epsilon), jnp.dtype(self.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -53,11 +147,7 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return layer_norm(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype))
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:

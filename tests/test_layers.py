@@ -1,0 +1,88 @@
+"""GroupNorm / LayerNorm: forward and the written-out gradients against PyTorch's autograd (float64 reference)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpd_jax.models.layers import group_norm, layer_norm
+
+torch = pytest.importorskip("torch")
+
+
+def _inputs(shape, c, offset, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (offset + rng.standard_normal(shape) * rng.uniform(0.05, 3.0, size=(shape[0],) + (1,) * (len(shape) - 1)))
+    scale = 1.0 + 0.3 * rng.standard_normal(c)
+    bias = 0.2 * rng.standard_normal(c)
+    w = rng.standard_normal(shape)  # the loss sum(w * silu(norm(x))) gives every output its own gradient
+    return [a.astype(np.float32) for a in (x, scale, bias, w)]
+
+
+def _torch_grads(fn, x, scale, bias, w):
+    t = [torch.tensor(a, dtype=torch.float64, requires_grad=i < 3) for i, a in enumerate((x, scale, bias, w))]
+    y = fn(*t[:3])
+    (t[3] * torch.nn.functional.silu(y)).sum().backward()
+    return y.detach().numpy(), [a.grad.numpy() for a in t[:3]]
+
+
+def _jax_grads(fn, x, scale, bias, w):
+    def loss(x, s, b):
+        return jnp.sum(jnp.asarray(w) * jax.nn.silu(fn(x, s, b)))
+
+    return np.asarray(fn(x, scale, bias)), [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)]
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("shape,groups,offset", [((2, 6, 5, 32), 8, 0.0), ((3, 7, 12), 4, 5.0), ((1, 4, 4, 64), 32, -2.0)])
+def test_group_norm_and_its_gradient_match_torch(shape, groups, offset):
+    x, scale, bias, w = _inputs(shape, shape[-1], offset)
+
+    def ours(x, s, b):
+        return group_norm(x, s, b, groups, 1e-6, jnp.dtype(jnp.float32))
+
+    def ref(x, s, b):  # torch is NC...: move the channels to axis 1 and back
+        perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
+        inv = np.argsort(perm)
+        y = torch.nn.functional.group_norm(x.permute(*perm), groups, s, b, eps=1e-6)
+        return y.permute(*inv)
+
+    y, grads = _jax_grads(ours, x, scale, bias, w)
+    y_ref, grads_ref = _torch_grads(ref, x, scale, bias, w)
+    assert _rel(y, y_ref) < 2e-6
+    for name, g, g_ref in zip(("x", "scale", "bias"), grads, grads_ref):
+        assert _rel(g, g_ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape,offset", [((2, 9, 48), 0.0), ((4, 40), 3.0)])
+def test_layer_norm_and_its_gradient_match_torch(shape, offset):
+    x, scale, bias, w = _inputs(shape, shape[-1], offset, seed=1)
+
+    def ours(x, s, b):
+        return layer_norm(x, s, b, 1e-5, jnp.dtype(jnp.float32))
+
+    def ref(x, s, b):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), s, b, eps=1e-5)
+
+    y, grads = _jax_grads(ours, x, scale, bias, w)
+    y_ref, grads_ref = _torch_grads(ref, x, scale, bias, w)
+    assert _rel(y, y_ref) < 2e-6
+    for name, g, g_ref in zip(("x", "scale", "bias"), grads, grads_ref):
+        assert _rel(g, g_ref) < 1e-5, name
+
+
+def test_bf16_activations_keep_their_dtype_and_fp32_statistics():
+    x, scale, bias, w = _inputs((2, 4, 4, 16), 16, 1.0, seed=2)
+    xb = jnp.asarray(x, jnp.bfloat16)
+
+    def loss(x, s, b):
+        return jnp.sum(jnp.asarray(w) * group_norm(x, s, b, 4, 1e-5, jnp.dtype(jnp.bfloat16)).astype(jnp.float32))
+
+    gx, gs, gb = jax.grad(loss, argnums=(0, 1, 2))(xb, scale, bias)
+    assert gx.dtype == jnp.bfloat16 and gs.dtype == gb.dtype == jnp.float32
+    ref = jax.grad(loss, argnums=(0, 1, 2))(xb.astype(jnp.float32), scale, bias)
+    assert _rel(np.asarray(gs), np.asarray(ref[1])) < 2e-2  # bf16 output rounding only
+    assert jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(xb[None], scale, bias).shape == (1, 2, 4, 4, 16)
