@@ -174,10 +174,15 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
     if state_layout == "auto":  # compile for the abstract state, then move it once into the chosen layouts
         abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         compiled, compile_s = S.compile_step(step_fn, abstract_state, data)
-        state = jax.device_put(state, compiled.input_formats[0][0])
+        state = jax.device_put(state, compiled.input_formats[0][0], donate=True)  # as train.py does
     else:
         compiled, compile_s = S.compile_step(step_fn, state, data)
     ma = compiled.memory_analysis()
+    from vpd_jax.tools.hlo_sources import COMPUTE_KINDS, entry_traffic
+
+    kernels = entry_traffic(compiled.as_text())  # the device-free proxy, next to the times it should predict
+    extra = {"kernels": len(kernels),
+             "mem_bound_gib": sum(r + w for _, k, r, w in kernels if k not in COMPUTE_KINDS) / GiB}
     for _ in range(3):
         state, m = compiled(state, data)
     loss0 = float(jax.device_get(m["loss"]))
@@ -188,7 +193,6 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    extra = {}
     if profile:
         import tempfile
 
@@ -399,7 +403,7 @@ def main(argv=None) -> None:
     print(f"model FLOPs per step (batch {a.batch}, {a.size}x{a.size}): {flops / 1e12:.4g} TFLOP"
           + (f"  [{err}]" if err else ""), flush=True)
     head = (f"{'case':<24} {'compile s':>9} {'step s':>8} {'img/s':>7} {'TFLOP/s':>8} {'MFU':>6} "
-            f"{'peak GiB':>8} {'loss':>7}")
+            f"{'peak GiB':>8} {'loss':>7} {'kernels':>7} {'mem-bound GiB':>13}")
     rows, results = [head, "-" * len(head)], []
     for case in a.cases.split(","):
         if time.perf_counter() - t0 > a.budget_s:
@@ -414,7 +418,8 @@ def main(argv=None) -> None:
         r.update(case=case, batch=a.batch, size=a.size, model_flops=flops, tflops=tf, mfu=tf / a.peak_tflops)
         results.append(r)
         rows.append(f"{case:<24} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {a.batch / r['step_s']:>7.1f} "
-                    f"{tf:>8.1f} {100 * tf / a.peak_tflops:>5.1f}% {r['peak_gib']:>8.2f} {r['loss']:>7.3f}")
+                    f"{tf:>8.1f} {100 * tf / a.peak_tflops:>5.1f}% {r['peak_gib']:>8.2f} {r['loss']:>7.3f} "
+                    f"{r.get('kernels', '-'):>7} {r.get('mem_bound_gib', float('nan')):>13.2f}")
         print(rows[-1] + f"   [{r['device']}]", flush=True)
     print("\n".join(rows))
     if a.json:
