@@ -130,3 +130,31 @@ ENTRY %main.2 (x: f32[2,8], w: bf16[8,4]) -> (f32[2,4], bf16[8,2]) {
     path.write_text(text)
     assert main([str(path), "--traffic"]) == 0
     assert "transpose" in capsys.readouterr().out
+
+
+def test_traffic_by_module_and_convolution_flops():
+    from vpd_jax.tools.hlo_sources import conv_flops, traffic_by_module
+
+    text = """HloModule m
+
+ENTRY %main.9 (x: bf16[1,4,4,2], w: bf16[3,3,2,5], mu: f32[5]) -> bf16[1,4,4,5] {
+  %x = bf16[1,4,4,2]{3,2,1,0} parameter(0)
+  %w = bf16[3,3,2,5]{3,2,1,0} parameter(1)
+  %opt_state_mu.1 = f32[5]{0} parameter(2)
+  %conv.1 = (bf16[1,4,4,5]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %gte.2 = bf16[1,4,4,5]{3,2,1,0} get-tuple-element(%conv.1), index=0
+  %conv.3 = (bf16[1,4,4,2]{3,2,1,0}, u8[0]{0}) custom-call(%gte.2, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardInput"
+  %loop_add_fusion.4 = bf16[1,4,4,5]{3,2,1,0} fusion(%gte.2), kind=kLoop, calls=%f4, metadata={op_name="jit(step)/jvp(Model)/unet.features/blk/add"}
+  %loop_mul_fusion.5 = bf16[1,4,4,5]{3,2,1,0} fusion(%loop_add_fusion.4), kind=kLoop, calls=%f5, metadata={op_name="jit(step)/transpose(jvp(Model))/head/conv/mul"}
+  %loop_adam_fusion.6 = f32[5]{0} fusion(%opt_state_mu.1), kind=kLoop, calls=%f6, metadata={op_name="jit(step)/mul"}
+  ROOT %copy.7 = bf16[1,4,4,5]{3,2,1,0} copy(%loop_mul_fusion.5)
+}
+"""
+    flops = conv_flops(text)
+    # 2 * |output| * |filter| / output features = 2 * 80 * 90 / 5, for the forward and the input gradient alike
+    assert flops == {"__cudnn$convForward": 2880.0, "__cudnn$convBackwardInput": 2 * 80 * 90 / 5}
+    groups = {g: (n, b) for g, n, b in traffic_by_module(text)}
+    assert groups["forward unet"] == (1, 160 + 160)
+    assert groups["backward head"] == (1, 160 + 160)
+    assert groups["optimizer update"] == (1, 20 + 20)
+    assert groups["other"] == (1, 160 + 160)  # the copy: no op name

@@ -195,19 +195,25 @@ def entry_traffic(text: str) -> list[tuple[str, str, int, int]]:
     cuDNN/cuBLAS/Triton-GEMM work and otherwise says what the memory-bound kernel does (``transpose``,
     ``reduce``, ``elementwise``, ``copy``, ...). Bytes are an upper bound for kernels that read only part of
     an operand (slices), and do not count re-reads within a kernel: a traffic proxy, not a timing."""
-    start = text.find("\nENTRY")
-    if start < 0:
-        raise ValueError("no ENTRY computation in this HLO text")
     sizes: dict[str, int] = {}
     rows = []
-    for line in text[start:].splitlines()[1:]:
-        m = _ENTRY_INSTR.match(line)
-        if not m:
-            continue
-        name, type_text, opcode = m.groups()
+    for name, type_text, opcode, refs, line in _entry_lines(text):
         written = _array_bytes(type_text)
         sizes[name] = written
         if opcode in _OPCODES_WITHOUT_KERNEL:
+            continue
+        rows.append((name, _kind(name, opcode, line), sum(sizes.get(r, 0) for r in refs), written))
+    return rows
+
+
+def _entry_lines(text: str):
+    """``(name, type text, opcode, operand names, line)`` of each entry instruction."""
+    start = text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in this HLO text")
+    for line in text[start:].splitlines()[1:]:
+        m = _ENTRY_INSTR.match(line)
+        if not m:
             continue
         operands = line[m.end():]
         depth, end = 1, 0  # the operand list ends at the parenthesis that closes ``opcode(``
@@ -215,9 +221,67 @@ def entry_traffic(text: str) -> list[tuple[str, str, int, int]]:
             depth += (ch == "(") - (ch == ")")
             if depth == 0:
                 break
-        read = sum(sizes.get(ref, 0) for ref in _REFS.findall(operands[:end]))
-        rows.append((name, _kind(name, opcode, line), read, written))
-    return rows
+        yield m.group(1), m.group(2), m.group(3), _REFS.findall(operands[:end]), line
+
+
+def traffic_by_module(text: str) -> list[tuple[str, int, int]]:
+    """Memory-bound kernels grouped by what they serve: ``(group, kernels, bytes read + written)``, largest first.
+
+    A kernel that reads optimizer state (operands named after ``opt_state``) is the optimizer update; the others
+    are grouped by pass (``forward``, or ``backward`` for JAX's ``transpose(jvp(...))``) and the first module of
+    their op name below the model (``unet``, ``vae``, ``head``, ...)."""
+    where = hlo_sources(text)
+    traffic = {name: (kind, read + written) for name, kind, read, written in entry_traffic(text)}
+    groups: dict[str, list[int]] = {}
+    for name, _, _, refs, _ in _entry_lines(text):
+        if name not in traffic or traffic[name][0] in COMPUTE_KINDS:
+            continue
+        op = where.get(kernel_name(name), "").split(" @ ")[0]
+        if any("inner_state" in r or "opt_state" in r for r in refs) or "optax" in op:
+            group = "optimizer update"
+        else:
+            parts = op.split("/")
+            model = next((i for i, p in enumerate(parts) if p.startswith(("jvp(", "transpose(jvp("))), None)
+            if model is None or model + 1 >= len(parts):
+                group = "other"
+            else:
+                top = parts[model + 1].split(".")[0]
+                group = ("backward " if parts[model].startswith("transpose(") else "forward ") + top
+        g = groups.setdefault(group, [0, 0])
+        g[0] += 1
+        g[1] += traffic[name][1]
+    return sorted(((k, n, b) for k, (n, b) in groups.items()), key=lambda r: -r[2])
+
+
+def conv_flops(text: str) -> dict[str, float]:
+    """FLOPs of the cuDNN convolution custom-calls of the entry computation, by call target.
+
+    Each call is one of a convolution's three products (forward, input gradient, filter gradient), all
+    ``2 * |output| * |filter| / output features`` of the forward convolution (NHWC output, ``->b01f``)."""
+    shapes: dict[str, list[int]] = {}
+    flops: dict[str, float] = {}
+    for name, type_text, opcode, refs, line in _entry_lines(text):
+        arrays = _ARRAY.findall(type_text)
+        if arrays:
+            shapes[name] = [int(d) for d in arrays[0][1].split(",") if d]
+        target = re.search(r'custom_call_target="([^"]*)"', line) if opcode == "custom-call" else None
+        if not target or "conv" not in target.group(1):
+            continue
+        t = target.group(1)
+        a, b, res = shapes.get(refs[0]), shapes.get(refs[1]), shapes[name]
+        if "BackwardInput" in t:
+            y, w = a, b
+        elif "BackwardFilter" in t:
+            y, w = b, res
+        else:
+            y, w = res, b
+        labels = re.search(r"->(\w+)", line)
+        features = y[labels.group(1).index("f")] if labels and "f" in labels.group(1) else y[-1]
+        n = 2.0
+        for d in (*y, *w):
+            n *= d
+        flops[t] = flops.get(t, 0.0) + n / features
+    return flops
 
 
 def traffic_table(rows, bandwidth: float = 3.35e12) -> str:
@@ -256,6 +320,13 @@ def main(argv=None) -> int:
         text = f.read()
     if a.traffic:
         print(traffic_table(entry_traffic(text), a.bandwidth_tbs * 1e12))
+        print("\nmemory-bound traffic by what it serves (kernels, GiB read + written):")
+        for group, n, nbytes in traffic_by_module(text)[: a.top]:
+            print(f"  {group:<34} {n:>6d} {nbytes / 2**30:>8.2f}")
+        flops = conv_flops(text)
+        if flops:
+            print("\nconvolutions: " + ", ".join(f"{k.split('$')[-1]} {v / 1e12:.2f}" for k, v in flops.items())
+                  + f"; total {sum(flops.values()) / 1e12:.2f} TFLOP per step")
         return 0
     where = hlo_sources(text)
     rows = entry_outputs(text, a.match)
