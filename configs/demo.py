@@ -5,8 +5,8 @@ Command:   make demo   (= .venv/bin/python demo.py: prepares demo_out/data, trai
 Hardware:  2 CPU cores.
 Time:      ~20 s to compile the step (cold cache), then ~0.25 s per update of 8 images at 120x120; `make demo`
            takes about 1.5 min in all.
-Expected:  synthetic test split (not NYUv2): RMSE 0.946 m, REL 0.296 against the constant mean-training-depth
-           baseline's 1.526 / 0.675 (38% and 56% lower; README "Results"). NYUv2 numbers need
+Expected:  synthetic test split (not NYUv2): RMSE 0.978 m, REL 0.298 against the constant mean-training-depth
+           baseline's 1.526 / 0.675 (36% and 56% lower; README "Results"). NYUv2 numbers need
            configs/nyu_480.py and real SD weights.
 """
 
