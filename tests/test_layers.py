@@ -37,7 +37,8 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("shape,groups,offset", [((2, 6, 5, 32), 8, 0.0), ((3, 7, 12), 4, 5.0), ((1, 4, 4, 64), 32, -2.0)])
+@pytest.mark.parametrize("shape,groups,offset",
+                         [((2, 6, 5, 32), 8, 0.0), ((3, 7, 12), 4, 5.0), ((1, 4, 4, 64), 32, -2.0)])
 def test_group_norm_and_its_gradient_match_torch(shape, groups, offset):
     x, scale, bias, w = _inputs(shape, shape[-1], offset)
 

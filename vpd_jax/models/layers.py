@@ -3,8 +3,8 @@
 Normalisations compute their statistics in float32 whatever the compute dtype, with a two-pass variance (as
 PyTorch and CompVis' ``GroupNorm32`` do); GroupNorm over bf16/fp16 activations uses a one-pass variance instead
 (``_group_stats``). Their gradients are written out (``custom_vjp``). Resizes follow
-``torch.nn.functional.interpolate`` index rules. Parameter
-names (``scale``, ``bias``, ``kernel``) are Flax's, so diffusers' Flax weight files load unchanged.
+``torch.nn.functional.interpolate`` index rules. Parameter names (``scale``, ``bias``, ``kernel``) are Flax's,
+so diffusers' Flax weight files load unchanged.
 """
 
 from __future__ import annotations
@@ -50,15 +50,14 @@ def _group_xhat(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float, dtype) -> jax.Array:
     """``torch.nn.functional.group_norm`` over N...C: float32 statistics (``_group_stats``), output in ``dtype``.
 
-    The gradient is written out (``custom_vjp``) rather than differentiated through the two passes: one
-    reduction over the pixels gives, per image and channel, ``sum(dy * xhat)`` and ``sum(dy)``, from which come the
-    scale and bias gradients and the two per-group terms of ``dx``; a second kernel forms ``dx``. Mathematically the
-    same gradient (float32 rounding apart; within 1e-5 of PyTorch's float64 autograd, tests/test_layers.py); on an H100 (deviceless XLA:GPU) one
-    GroupNorm + SiLU at SD's 64x64x320 moves 40% fewer bytes than its autodiff (0.29 vs 0.49 GiB at batch 8).
+    The gradient is written out (``custom_vjp``) rather than differentiated through the statistics: one
+    reduction over the pixels gives, per image and channel, ``sum(dy * xhat)`` and ``sum(dy)``, from which come
+    the scale and bias gradients and the two per-group terms of ``dx``; a second kernel forms ``dx``.
+    Mathematically the same gradient (float32 rounding apart; within 1e-5 of PyTorch's float64 autograd,
+    tests/test_layers.py). On an H100 (deviceless XLA:GPU) one GroupNorm + SiLU at SD's 64x64x320 moves 40%
+    fewer bytes than its autodiff (0.29 vs 0.49 GiB at batch 8).
     """
-    mean, rstd = _group_stats(x, num_groups, epsilon)
-    y = _group_xhat(x, mean, rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.reshape(x.shape).astype(dtype)
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
@@ -102,9 +101,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
     Like ``group_norm``, the gradient is written out: one row reduction for ``dx``'s two terms, one column
     reduction for the scale and bias gradients.
     """
-    mean, rstd = _ln_stats(x, epsilon)
-    y = (x.astype(jnp.float32) - mean) * rstd
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+    return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):

@@ -292,7 +292,8 @@ def traffic_table(rows, bandwidth: float = 3.35e12) -> str:
         a[0] += 1
         a[1] += read
         a[2] += written
-    lines = [f"{'kind':<15} {'kernels':>7} {'read GiB':>9} {'write GiB':>9} {'ms at ' + format(bandwidth / 1e12, 'g') + ' TB/s':>14}"]
+    at = f"ms at {bandwidth / 1e12:g} TB/s"
+    lines = [f"{'kind':<15} {'kernels':>7} {'read GiB':>9} {'write GiB':>9} {at:>14}"]
     for kind, (n, r, w) in sorted(agg.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
         lines.append(f"{kind:<15} {n:>7d} {r / 2**30:>9.2f} {w / 2**30:>9.2f} {(r + w) / bandwidth * 1e3:>14.1f}")
     mem = [v for k, v in agg.items() if k not in COMPUTE_KINDS]
