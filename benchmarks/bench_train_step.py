@@ -27,7 +27,9 @@ A case is ``framework:dtype[:remat][:attention][:autolayout]``:
 
 Reported per case: compile seconds (JAX), median step seconds over ``--steps`` timed steps (after 3 warm-up
 steps), images/s, model TFLOP per step, TFLOP/s, MFU against ``--peak_tflops`` (dense bf16 of the card; 989
-for an H100 SXM), and peak device memory (JAX ``peak_bytes_in_use``, torch ``max_memory_allocated``).
+for an H100 SXM), peak device memory (JAX ``peak_bytes_in_use``, torch ``max_memory_allocated``), and for JAX
+cases the device-free proxy of the compiled step: kernels launched and memory-bound GiB moved
+(``vpd_jax.tools.hlo_sources.entry_traffic``), to check the proxy against the measured times.
 Model FLOPs are XLA's cost analysis of the same step lowered without remat and with XLA attention (so
 recomputation and opaque cuDNN calls neither inflate nor hide work); every case of one batch size uses that
 same count, which makes the MFU column comparable across rows.
