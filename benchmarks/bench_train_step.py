@@ -176,15 +176,14 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
     if state_layout == "auto":  # compile for the abstract state, then move it once into the chosen layouts
         abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         compiled, compile_s = S.compile_step(step_fn, abstract_state, data)
-        state = jax.device_put(state, compiled.input_formats[0][0], donate=True)  # as train.py does
+        state = S.place_state(compiled, state)  # as train.py does
     else:
         compiled, compile_s = S.compile_step(step_fn, state, data)
     ma = compiled.memory_analysis()
-    from vpd_jax.tools.hlo_sources import COMPUTE_KINDS, entry_traffic
+    from vpd_jax.tools.hlo_sources import traffic_summary
 
-    kernels = entry_traffic(compiled.as_text())  # the device-free proxy, next to the times it should predict
-    extra = {"kernels": len(kernels),
-             "mem_bound_gib": sum(r + w for _, k, r, w in kernels if k not in COMPUTE_KINDS) / GiB}
+    kernels, mem_bound = traffic_summary(compiled.as_text())  # the device-free proxy, next to the measured times
+    extra = {"kernels": kernels, "mem_bound_gib": mem_bound / GiB}
     for _ in range(3):
         state, m = compiled(state, data)
     loss0 = float(jax.device_get(m["loss"]))

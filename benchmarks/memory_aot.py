@@ -72,7 +72,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     from vpd_jax.training.losses import silog_loss
     from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
     from vpd_jax.training.schedules import official_schedule
-    from vpd_jax.tools.hlo_sources import COMPUTE_KINDS, entry_traffic
+    from vpd_jax.tools.hlo_sources import traffic_summary
     from vpd_jax.training.trainer import abstract_train_state
 
     if target == "host":
@@ -108,9 +108,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
         name = f"{target}_b{batch}_{dtype}_remat{int(remat)}_fsdp{fsdp}.hlo.txt"
         with open(os.path.join(hlo_dir, name), "w") as f:
             f.write(text)
-    # The traffic proxy: kernels launched per step, and bytes moved by the memory-bound ones (not convs/GEMMs).
-    kernels = entry_traffic(text)
-    mem_bound = sum(r + w for _, kind, r, w in kernels if kind not in COMPUTE_KINDS)
+    kernels, mem_bound = traffic_summary(text)  # the device-free speed proxy
     ma = compiled.memory_analysis()
     args, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                               ma.temp_size_in_bytes)
@@ -118,7 +116,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}  # None from a deviceless GPU compile
     return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
             "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12,  # already per device
-            "kernels": len(kernels), "mem_bound": mem_bound / GiB}
+            "kernels": kernels, "mem_bound": mem_bound / GiB}
 
 
 def main(argv=None):

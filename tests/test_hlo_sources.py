@@ -98,7 +98,7 @@ ENTRY %main.2 (x: f32[4,8]) -> f32[8,4] {
 
 
 def test_traffic_counts_every_kernels_operands_and_outputs_by_kind(tmp_path, capsys):
-    from vpd_jax.tools.hlo_sources import entry_traffic, main, traffic_table
+    from vpd_jax.tools.hlo_sources import entry_traffic, main, traffic_summary, traffic_table
 
     text = """HloModule m
 
@@ -124,6 +124,7 @@ ENTRY %main.2 (x: f32[2,8], w: bf16[8,4]) -> (f32[2,4], bf16[8,2]) {
                     ("custom-call.4", "gemm", 32 + 64, 32 + 16),
                     ("input_transpose_fusion.6", "transpose", 32, 32),
                     ("copy.7", "copy", 32, 32)]
+    assert traffic_summary(text) == (4, (64 + 32) + (32 + 32) + (32 + 32))  # the GEMM is not memory-bound
     table = traffic_table(rows, bandwidth=1e12)
     assert "memory-bound" in table.splitlines()[-1] and " 3 " in table.splitlines()[-1]  # the gemm is not counted
     path = tmp_path / "step.hlo.txt"

@@ -84,7 +84,7 @@ def test_auto_state_layout_trains_like_the_default(mesh1):
         with pytest.raises(ValueError, match="AUTO"):  # the auto layouts are really asked for
             fn(state, batches[0])
         compiled, _ = step.compile_step(fn, abstract, batches[0])
-        state = jax.device_put(state, compiled.input_formats[0][0])
+        state = step.place_state(compiled, state)
         for b in batches:
             state, _ = compiled(state, b)
     assert toy.max_abs_diff(jax.device_get(state.params), ref_params) == 0.0

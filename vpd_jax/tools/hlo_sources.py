@@ -123,33 +123,6 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "s64": 8, "u64": 8, "f64": 8}
 _ENTRY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\(")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-
-
-def entry_outputs(text: str, match: str = "") -> list[tuple[str, str, int]]:
-    """``(instruction, opcode, output bytes)`` of the entry computation's instructions whose name matches the
-    regular expression ``match``: what each kernel of the step writes (tuples summed)."""
-    start = text.find("\nENTRY")
-    if start < 0:
-        raise ValueError("no ENTRY computation in this HLO text")
-    rows = []
-    for line in text[start:].splitlines()[1:]:
-        m = _ENTRY_INSTR.match(line)
-        if not m or not re.search(match, m.group(1)):
-            continue
-        nbytes = 0
-        for dtype, dims in _ARRAY.findall(m.group(2)):
-            n = 1
-            for d in filter(None, dims.split(",")):
-                n *= int(d)
-            nbytes += _DTYPE_BYTES.get(dtype, 4) * n
-        rows.append((m.group(1), m.group(3), nbytes))
-    return rows
-
-
-# Kernel kinds of ``entry_traffic``; the last group of kinds is limited by memory bandwidth, not arithmetic.
-COMPUTE_KINDS = ("conv", "gemm", "attention")
-_OPCODES_WITHOUT_KERNEL = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
-                           "partition-id", "replica-id")
 _REFS = re.compile(r"%([\w.\-]+)")
 
 
@@ -161,6 +134,37 @@ def _array_bytes(type_text: str) -> int:
             n *= int(d)
         nbytes += _DTYPE_BYTES.get(dtype, 4) * n
     return nbytes
+
+
+def _entry_lines(text: str):
+    """``(name, type text, opcode, operand names, line)`` of each entry instruction."""
+    start = text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in this HLO text")
+    for line in text[start:].splitlines()[1:]:
+        m = _ENTRY_INSTR.match(line)
+        if not m:
+            continue
+        operands = line[m.end():]
+        depth, end = 1, 0  # the operand list ends at the parenthesis that closes ``opcode(``
+        for end, ch in enumerate(operands):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                break
+        yield m.group(1), m.group(2), m.group(3), _REFS.findall(operands[:end]), line
+
+
+def entry_outputs(text: str, match: str = "") -> list[tuple[str, str, int]]:
+    """``(instruction, opcode, output bytes)`` of the entry computation's instructions whose name matches the
+    regular expression ``match``: what each kernel of the step writes (tuples summed)."""
+    return [(name, opcode, _array_bytes(type_text)) for name, type_text, opcode, _, _ in _entry_lines(text)
+            if re.search(match, name)]
+
+
+# Kernel kinds of ``entry_traffic``; the last group of kinds is limited by memory bandwidth, not arithmetic.
+COMPUTE_KINDS = ("conv", "gemm", "attention")
+_OPCODES_WITHOUT_KERNEL = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
+                           "partition-id", "replica-id")
 
 
 def _kind(name: str, opcode: str, line: str) -> str:
@@ -206,22 +210,10 @@ def entry_traffic(text: str) -> list[tuple[str, str, int, int]]:
     return rows
 
 
-def _entry_lines(text: str):
-    """``(name, type text, opcode, operand names, line)`` of each entry instruction."""
-    start = text.find("\nENTRY")
-    if start < 0:
-        raise ValueError("no ENTRY computation in this HLO text")
-    for line in text[start:].splitlines()[1:]:
-        m = _ENTRY_INSTR.match(line)
-        if not m:
-            continue
-        operands = line[m.end():]
-        depth, end = 1, 0  # the operand list ends at the parenthesis that closes ``opcode(``
-        for end, ch in enumerate(operands):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                break
-        yield m.group(1), m.group(2), m.group(3), _REFS.findall(operands[:end]), line
+def traffic_summary(text: str) -> tuple[int, int]:
+    """``(kernels, memory-bound bytes)`` of a compiled step: the two figures of the device-free speed proxy."""
+    rows = entry_traffic(text)
+    return len(rows), sum(read + written for _, kind, read, written in rows if kind not in COMPUTE_KINDS)
 
 
 def traffic_by_module(text: str) -> list[tuple[str, int, int]]:

@@ -259,10 +259,8 @@ def train(cfg, workdir: str) -> dict:
         lambda x: jax.ShapeDtypeStruct((cfg.train.global_batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
                                        sharding=parallel.batch_sharding(mesh)), first)
     compiled, compile_s = S.compile_step(step_fn, abstract_state, batch_abstract)
-    if cfg.train.state_layout == "auto":
-        # The step was compiled for the layouts XLA chose (e.g. cuDNN's OHWI conv kernels on GPUs): the state moves
-        # into them once, array by array (donated, so only one array is ever held twice), and stays there.
-        state = jax.device_put(state, compiled.input_formats[0][0], donate=True)
+    if cfg.train.state_layout == "auto":  # the layouts XLA chose (e.g. cuDNN's OHWI conv kernels on GPUs)
+        state = S.place_state(compiled, state)
     flops = _flops(compiled)
     writer.console(f"compiled the train step in {compile_s:.1f}s"
                    + (f" ({flops / 1e12:.3f} TFLOP per step)" if flops else ""))
