@@ -1,6 +1,6 @@
 """Converting official and mmseg VPD checkpoints: every key accounted for, files, the CLI and the loader.
 
-The tiny checkpoints come from ``test_vpd.TorchVPD``, whose UNet and VAE have SD-1.5's block structure, so
+The tiny checkpoints come from ``torch_reference.TorchVPD``, whose UNet and VAE have SD-1.5's block structure, so
 their key *names* are exactly those of the released SD-1.5 checkpoints (checked against an SD-1.5-sized
 model built on PyTorch's meta device, which allocates nothing).
 """
@@ -16,8 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_head import TorchHead, TorchTextAdapter  # noqa: E402
-from test_vpd import CONFIG, TorchVPD  # noqa: E402
+from torch_reference import TINY_HEAD, TINY_UNET, TINY_VAE, TorchHead, TorchTextAdapter, TorchVPD, vpd_config  # noqa: E402
 
 from vpd_jax.models.vpd import VPDConfig  # noqa: E402
 from vpd_jax.tools import convert as convert_tool  # noqa: E402
@@ -25,6 +24,7 @@ from vpd_jax.weights import diffusers as dw  # noqa: E402
 from vpd_jax.weights import vpd_checkpoint as vc  # noqa: E402
 from vpd_jax.weights.common import WeightsError, flatten  # noqa: E402
 
+CONFIG = vpd_config(TINY_UNET, TINY_VAE, TINY_HEAD)
 BN_STEPS = "BatchNorm step counter (only used when momentum is None)"
 
 

@@ -1,7 +1,4 @@
-"""The VPD head parts against torch.nn with the same weights, passed through our checkpoint converter.
-
-Also holds the PyTorch reference head (official module names) that ``test_vpd.py`` builds the whole model from.
-"""
+"""The VPD head parts against torch.nn with the same weights, passed through our checkpoint converter."""
 
 from __future__ import annotations
 
@@ -14,101 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn as tnn
+from torch_reference import TorchHead, TorchTextAdapter, maxdiff, nchw, nhwc, rand, randomize_, state_numpy
 
 from vpd_jax.models import head as H
 from vpd_jax.weights.common import flatten, unflatten
 from vpd_jax.weights.vpd_checkpoint import convert_layer, head_layout
 
 TOL = 1e-5
-
-
-# ------------------------------------------------------------------------- the PyTorch reference head
-
-class TorchNeck(tnn.Module):
-    """The tail of the official ``VPDDepthEncoder`` (``layer1``, ``layer2``, ``out_layer``)."""
-
-    def __init__(self, chans, out_dim):
-        super().__init__()
-        c0, c1 = chans[0], chans[1]
-        self.layer1 = tnn.Sequential(tnn.Conv2d(c0, c0, 3, stride=2, padding=1), tnn.GroupNorm(16, c0),
-                                     tnn.ReLU(), tnn.Conv2d(c0, c0, 3, stride=2, padding=1))
-        self.layer2 = tnn.Sequential(tnn.Conv2d(c1, c1, 3, stride=2, padding=1))
-        self.out_layer = tnn.Sequential(tnn.Conv2d(sum(chans), out_dim, 1), tnn.GroupNorm(16, out_dim), tnn.ReLU())
-
-    def forward(self, feats):
-        o11, o7, o4, o1 = feats
-        x = torch.cat([self.layer1(o11), self.layer2(o7), o4, F.interpolate(o1, scale_factor=2)], dim=1)
-        return self.out_layer(x)
-
-
-class TorchDecoder(tnn.Module):
-    """The official ``Decoder`` with 2x2 deconvs."""
-
-    def __init__(self, in_dim, filters, out_dim):
-        super().__init__()
-        layers = []
-        for f in filters:
-            layers += [tnn.ConvTranspose2d(in_dim, f, 2, stride=2, padding=0, output_padding=0, bias=False),
-                       tnn.BatchNorm2d(f), tnn.ReLU()]
-            in_dim = f
-        self.deconv_layers = tnn.Sequential(*layers)
-        self.conv_layers = tnn.Sequential(tnn.Conv2d(in_dim, out_dim, 3, padding=1), tnn.BatchNorm2d(out_dim),
-                                          tnn.ReLU())
-        self.up = tnn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-
-    def forward(self, x):
-        return self.up(self.up(self.conv_layers(self.deconv_layers(x))))
-
-
-class TorchTextAdapter(tnn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.fc = tnn.Sequential(tnn.Linear(dim, dim), tnn.GELU(), tnn.Linear(dim, dim))
-
-    def forward(self, e, gamma):
-        return e + gamma * self.fc(e)
-
-
-class TorchHead(tnn.Module):
-    """Neck + crop + decoder + depth head, named as in the official checkpoint (``encoder.layer1`` ...)."""
-
-    def __init__(self, chans, neck_dim, filters, dec_dim, max_depth=10.0):
-        super().__init__()
-        self.encoder = tnn.Module()
-        neck = TorchNeck(chans, neck_dim)
-        self.encoder.layer1, self.encoder.layer2, self.encoder.out_layer = neck.layer1, neck.layer2, neck.out_layer
-        self._neck = [neck]  # a plain list: not registered twice in the state dict
-        self.decoder = TorchDecoder(neck_dim, filters, dec_dim)
-        self.last_layer_depth = tnn.Sequential(tnn.Conv2d(dec_dim, dec_dim, 3, padding=1), tnn.ReLU(),
-                                               tnn.Conv2d(dec_dim, 1, 3, padding=1))
-        self.max_depth = max_depth
-
-    def forward(self, feats, valid):
-        x = self._neck[0](feats)[:, :, : valid[0], : valid[1]]
-        return torch.sigmoid(self.last_layer_depth(self.decoder(x))) * self.max_depth
-
-
-def randomize_(module: tnn.Module, seed: int) -> None:
-    """Weights at scales that keep activations O(1), and BN running statistics far from (0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (tnn.Conv2d, tnn.ConvTranspose2d, tnn.Linear)):
-                fan_in = m.weight[0].numel() if not isinstance(m, tnn.ConvTranspose2d) else m.weight.shape[0]
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / np.sqrt(fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, (tnn.GroupNorm, tnn.BatchNorm2d)):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                if isinstance(m, tnn.BatchNorm2d):
-                    m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
-                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                    m.num_batches_tracked.fill_(7)
-
-
-def state_numpy(module: tnn.Module, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def convert_head_state(state: dict[str, np.ndarray], num_deconv: int) -> tuple[dict, dict]:
@@ -123,22 +32,6 @@ def convert_head_state(state: dict[str, np.ndarray], num_deconv: int) -> tuple[d
         params.update({f"{sub}/{k}": v for k, v in p.items()})
         stats.update({f"{sub}/{k}": v for k, v in s.items()})
     return unflatten(params), unflatten(stats)
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def rand(shape, seed, scale=1.0, offset=0.0):
-    return (offset + scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
-
-
-def maxdiff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 # --------------------------------------------------------------------------------------- single layers

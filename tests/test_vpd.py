@@ -1,9 +1,9 @@
 """The whole VPDDepth against a PyTorch assembly of the same network, through our checkpoint converter.
 
-Reference: diffusers' PyTorch ``UNet2DConditionModel`` and ``AutoencoderKL`` (tiny SD-shaped configs, random
-weights) with forward hooks on the up blocks for VPD's four maps, and torch.nn layers named as in the official
-checkpoint for the rest (``test_head.TorchHead``). Its state dict is written in the official layout (CompVis
-names through the inverse key map) and converted by ``vpd_jax.weights.vpd_checkpoint``. fp32, depth in metres
+Reference: ``torch_reference.TorchVPD``, diffusers' PyTorch ``UNet2DConditionModel`` and ``AutoencoderKL`` (tiny
+SD-shaped configs, random weights) with forward hooks on the up blocks for VPD's four maps, and torch.nn layers
+named as in the official checkpoint for the rest. Its state dict is written in the official layout (CompVis names
+placed by diffusers' own key maps) and converted by ``vpd_jax.weights.vpd_checkpoint``. fp32, depth in metres
 within 1e-4 at a square and a non-square size that both need padding and the feature crop.
 """
 
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 diffusers.utils.logging.set_verbosity_error()
 
-from test_head import TorchHead, TorchTextAdapter, randomize_, state_numpy  # noqa: E402
+import torch_reference as R  # noqa: E402
 
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_class_embeddings  # noqa: E402
 from vpd_jax.weights import diffusers as dw  # noqa: E402
@@ -28,154 +28,17 @@ from vpd_jax.weights.common import flatten  # noqa: E402
 from vpd_jax.weights.vpd_checkpoint import convert_state_dict  # noqa: E402
 
 TOL = 1e-4
-# SD-1.5's structure (so the same CompVis key names) at toy widths: 4 levels, cross-attention in the first
-# three, 2 layers per block, widths growing where SD's do.
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    attention_head_dim=2, cross_attention_dim=32, norm_num_groups=32,
-)
-# SD's x8 VAE structure (4 levels, 2 layers, a shortcut conv where the width grows) at toy widths.
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, block_out_channels=(16, 32, 64, 64), layers_per_block=2, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
-)
-TEXT_DIM, NECK, FILTERS, DEC, NUM_CLASSES = 32, 32, (8, 8, 8), 16, 27
-CONFIG = VPDConfig.from_dict(dict(unet=TINY_UNET, vae=TINY_VAE, text_dim=TEXT_DIM, neck_features=NECK,
-                                  deconv_filters=FILTERS, decoder_features=DEC))
-
-
-# ------------------------------------------------------------------------------ the PyTorch assembly
-
-class TorchVPD:
-    """VPD in PyTorch: diffusers UNet/VAE + the official-named head, with the general padding/crop rule."""
-
-    def __init__(self, seed=0):
-        torch.manual_seed(seed)
-        self.unet = _perturb(diffusers.UNet2DConditionModel(**TINY_UNET), seed + 1)
-        self.vae = _perturb(diffusers.AutoencoderKL(**TINY_VAE), seed + 2)
-        self.head = TorchHead(TINY_UNET["block_out_channels"], NECK, FILTERS, DEC).eval()
-        randomize_(self.head, seed + 3)
-        with torch.no_grad():
-            self.head.last_layer_depth[2].weight.mul_(5.0)  # spread the depth over the sigmoid's range
-        self.adapter = TorchTextAdapter(TEXT_DIM)
-        randomize_(self.adapter, seed + 4)
-        g = torch.Generator().manual_seed(seed + 5)
-        self.gamma = 0.5 * torch.randn(TEXT_DIM, generator=g)  # far from 1e-4, so the adapter matters
-        self.table = 3.0 * torch.randn(NUM_CLASSES, TEXT_DIM, generator=g)
-
-    def __call__(self, images: np.ndarray, class_ids=None, text=None) -> np.ndarray:
-        # One intra-op thread: these tensors are tiny, and on a busy 2-core machine torch's spinning workers
-        # made a forward 20x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._forward(images, class_ids, text)
-        finally:
-            torch.set_num_threads(threads)
-
-    @torch.no_grad()
-    def _forward(self, images, class_ids, text):
-        b, h, w, _ = images.shape
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        ph, pw = 64 * math.ceil(h / 64), 64 * math.ceil(w / 64)
-        padded = torch.zeros(b, 3, ph, pw)
-        padded[:, :, :h, :w] = x
-        latents = self.vae.encode(padded).latent_dist.mode()
-        if text is not None:
-            e = torch.from_numpy(np.broadcast_to(text, (b, TEXT_DIM)).copy())
-        else:
-            full = torch.cat([self.table, self.table.mean(0, keepdim=True)])
-            ids = [NUM_CLASSES if i < 0 else i for i in class_ids]
-            e = full[ids]
-        ctx = self.adapter(e, self.gamma)[:, None, :]
-        feats = {}
-        taps = [self.unet.up_blocks[0].resnets[1], self.unet.up_blocks[1].attentions[1],
-                self.unet.up_blocks[2].attentions[1], self.unet.up_blocks[3]]  # o1, o4, o7, o11
-        handles = [m.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(
-            i, out[0] if isinstance(out, tuple) else out)) for i, m in enumerate(taps)]
-        self.unet(latents, torch.ones(b, dtype=torch.long), ctx)
-        for hd in handles:
-            hd.remove()
-        valid = (math.ceil(h / 32), math.ceil(w / 32))
-        depth = self.head([feats[3], feats[2], feats[1], feats[0]], valid)
-        return depth[:, 0, :h, :w].numpy()
-
-    # ------------------------------------------------------------------------- checkpoint layouts
-    def official_state(self) -> dict[str, np.ndarray]:
-        """The official ``{'model': ...}`` state dict (spec §7.1): no VAE decoder, no UNet ``out``."""
-        sd = state_numpy(self.head)  # encoder.layer1/layer2/out_layer, decoder.*, last_layer_depth.*
-        sd.update(state_numpy(self.adapter, "encoder.text_adapter."))
-        sd["encoder.gamma"] = self.gamma.numpy().copy()
-        sd["encoder.class_embeddings"] = self.table.numpy().copy()
-        unet = {k: v for k, v in state_numpy(self.unet).items() if not k.startswith(("conv_norm_out", "conv_out"))}
-        ucfg = dw.UNetConfig.from_diffusers(TINY_UNET)
-        sd.update({"encoder.unet.unet.diffusion_model." + k: v
-                   for k, v in dw.diffusers_unet_to_ldm(unet, ucfg).items()})
-        vae = state_numpy(self.vae)
-        sd.update({"encoder.encoder_vq." + k: v for k, v in dw.diffusers_vae_to_ldm(vae).items()})
-        sd.update({"encoder.encoder_vq." + k: v for k, v in vae.items() if k.startswith("post_quant_conv.")})
-        return sd
-
-    def mmseg_state(self) -> dict[str, np.ndarray]:
-        """The mmseg ``state_dict`` (spec §7.2): renamed, 28-row table, VAE decoder and UNet ``out`` present."""
-        renames = [("encoder.layer1.", "decode_head.conv1."), ("encoder.layer2.0.", "decode_head.conv2."),
-                   ("encoder.out_layer.", "decode_head.conv_aggregation."), ("decoder.", "decode_head.decoder."),
-                   ("last_layer_depth.", "decode_head.depth_pred_layer."), ("encoder.", "backbone.")]
-        sd = {}
-        for k, v in self.official_state().items():
-            new = next((dst + k[len(src):] for src, dst in renames if k.startswith(src)), k)
-            sd[new] = v
-        sd["backbone.class_embeddings"] = np.concatenate([self.table.numpy(), self.table.numpy().mean(0)[None]])
-        unet = state_numpy(self.unet)
-        sd["backbone.unet.unet.diffusion_model.out.0.weight"] = unet["conv_norm_out.weight"]
-        sd["backbone.unet.unet.diffusion_model.out.0.bias"] = unet["conv_norm_out.bias"]
-        sd["backbone.unet.unet.diffusion_model.out.2.weight"] = unet["conv_out.weight"]
-        sd["backbone.unet.unet.diffusion_model.out.2.bias"] = unet["conv_out.bias"]
-        sd.update({"backbone.encoder_vq." + k: v for k, v in ldm_vae_decoder(state_numpy(self.vae)).items()})
-        return sd
-
-
-def _perturb(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # diffusers zero-inits some projections
-    return model.eval()
-
-
-def ldm_vae_decoder(vae_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The decoder half of a diffusers AutoencoderKL under CompVis names (decoder.up.{i}.block.{j}, ...)."""
-    n = len(TINY_VAE["block_out_channels"])
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for k, v in vae_state.items():
-        if not k.startswith("decoder."):
-            continue
-        parts = k.split(".")
-        if parts[1] == "up_blocks":
-            blk = f"decoder.up.{n - 1 - int(parts[2])}"
-            rest = ".".join(parts[5:])
-            new = (f"{blk}.block.{parts[4]}.{rest}".replace("conv_shortcut", "nin_shortcut")
-                   if parts[3] == "resnets" else f"{blk}.upsample.{rest}")
-        elif parts[1] == "mid_block" and parts[2] == "resnets":
-            new = f"decoder.mid.block_{int(parts[3]) + 1}." + ".".join(parts[4:])
-        elif parts[1] == "mid_block":
-            name = ".".join(parts[4:-1])
-            new = f"decoder.mid.attn_1.{attn[name]}.{parts[-1]}"
-            v = v[:, :, None, None] if v.ndim == 2 else v
-        else:
-            new = k.replace("conv_norm_out", "norm_out")
-        out[new] = v
-    return out
+CONFIG = R.vpd_config(R.TINY_UNET, R.TINY_VAE, R.TINY_HEAD)
+NUM_CLASSES = R.NUM_CLASSES
+TEXT_DIM = R.TINY_HEAD["text_dim"]
+_images = R.images
 
 
 # ------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
 def torch_vpd():
-    return TorchVPD()
+    return R.TorchVPD()
 
 
 @pytest.fixture(scope="session")
@@ -187,10 +50,6 @@ def converted(torch_vpd):
 def apply_fn():
     model = VPDDepth(CONFIG)
     return jax.jit(lambda v, img, ids, text: model.apply(v, img, ids, text))
-
-
-def _images(shape, seed):
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -295,3 +154,45 @@ def test_sd15_model_has_the_reference_parameter_counts():
     assert round((count(p["unet"]) + 320 * 2 + 4 * 320 * 9 + 4) / 1e6, 2) == 859.52
     assert v["constants"]["class_embeddings"].shape == (28, 768)
     assert count(v["batch_stats"]) == 2 * (3 * 32 + 192)
+
+
+# ------------------------------------------------------------------- the same depth at any batch size
+
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory):
+    """An official-layout .pth of the WIDE reference (every UNet and VAE level at least 64 wide), converted with
+    ``python -m vpd_jax.tools.convert`` as a user would; returns (reference, converted folder)."""
+    from vpd_jax.tools import convert as convert_tool
+
+    ref = R.TorchVPD(seed=30, unet=R.WIDE_UNET, vae=R.WIDE_VAE, head=R.WIDE_HEAD, depth_gain=1.0)
+    root = tmp_path_factory.mktemp("wide")
+    pth = root / "vpd_wide.pth"
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.official_state().items()}},
+               pth)
+    (root / "wide.json").write_text(__import__("json").dumps(ref.config.to_dict()))
+    assert convert_tool.main([str(pth), "--out", str(root / "converted"), "--config", str(root / "wide.json")]) == 0
+    return ref, root / "converted"
+
+
+def test_predictor_depth_does_not_depend_on_the_batch_size(wide_checkpoint):
+    """A 320x320 image (one window at a 320 crop; the VAE's first level then holds 102,400 pixels per image)
+    through ``Predictor`` at batch sizes 1, 4 and 8, and the flip-averaged ``predict`` at the default 4, against
+    the PyTorch network. The reference runs in float64: this network's float32 PyTorch result is itself 3.5e-6 m
+    from it. Before the float32 GroupNorm statistics were summed in two stages, batches 4 and 8 were 2.2e-5 m off
+    here (6.7e-4 m at 480x480), batch 1 5.1e-6; measured now: at most 5.4e-6 m at every batch size."""
+    from vpd_jax.inference import Predictor
+
+    ref, converted = wide_checkpoint
+    image = R.images((320, 320, 3), seed=31)
+    exact = ref.double()
+    want = exact(image[None], class_ids=[-1], threads=2)[0]
+    assert float(np.std(want)) > 0.1
+    assert float(np.max(np.abs(ref(image[None], class_ids=[-1], threads=2)[0] - want))) < 1e-5  # PyTorch float32
+    for batch_size in (1, 4, 8):
+        p = Predictor.from_checkpoint(converted, batch_size=batch_size, crop=320)
+        err = float(np.max(np.abs(p.forward([image])[0] - want)))
+        assert err < 1e-5, f"batch_size {batch_size}: {err:.2e} m"
+        if batch_size == 4:
+            want_flip = exact(image[None, :, ::-1], class_ids=[-1], threads=2)[0, :, ::-1]
+            err = float(np.max(np.abs(p.predict(image) - (want + want_flip) / 2)))
+            assert err < 1e-5, f"predict at batch_size 4: {err:.2e} m"

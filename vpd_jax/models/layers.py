@@ -1,7 +1,8 @@
 """Small Flax layers shared by the UNet, the VAE encoder and the VPD head, with PyTorch's numerics.
 
 Normalisations compute their statistics in float32 whatever the compute dtype, with a two-pass variance (as
-PyTorch and CompVis' ``GroupNorm32`` do); GroupNorm over bf16/fp16 activations uses a one-pass variance instead
+PyTorch and CompVis' ``GroupNorm32`` do; GroupNorm's is shifted and summed in two stages so that it does not
+depend on the batch size); GroupNorm over bf16/fp16 activations uses a one-pass variance instead
 (``_group_stats``). Their gradients are written out (``custom_vjp``). Resizes follow
 ``torch.nn.functional.interpolate`` index rules. Parameter names (``scale``, ``bias``, ``kernel``) are Flax's,
 so diffusers' Flax weight files load unchanged.
@@ -20,30 +21,85 @@ from flax import linen as nn
 Dtype = Any
 
 
-def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
-    """Per (image, group) mean and 1/std of ``x`` (N, ..., C) in float32; shapes (N, 1, G, 1).
+# Elements per first-stage partial sum of ``pixel_sum`` (pixels x the inner axes summed with them).
+SUM_BLOCK = 512
 
-    float32 inputs get PyTorch's numerics: a two-pass variance, ``mean((x - mean)^2)``. Half-precision inputs
-    (bf16 training) get a one-pass variance, ``mean(x^2) - mean^2`` accumulated in float32: XLA computes both sums
-    in the kernel that produces ``x`` and never reads ``x`` again for its statistics. The cancellation error,
-    about ``2^-24 (mean/std)^2`` relative, stays below bf16's own rounding (``2^-8``) unless a group's mean is
-    more than ~100 standard deviations from zero.
+
+def _pixel_block(m: int, inner: int) -> int | None:
+    """Pixels per first-stage block of ``pixel_sum`` for ``m`` pixels of ``inner`` elements each: a divisor of
+    ``m`` near ``SUM_BLOCK / inner`` (0: none, pad ``m`` to a multiple of it; None: one reduction is exact
+    enough)."""
+    if m * inner <= 4 * SUM_BLOCK:
+        return None
+    t = max(1, SUM_BLOCK // inner)
+    for b in (*range(t, 2 * t + 1), *range(t - 1, max(1, t // 4) - 1, -1)):
+        if m % b == 0 and b < m:
+            return b
+    return 0
+
+
+def pixel_sum(v: jax.Array, inner_axes: tuple[int, ...] = ()) -> jax.Array:
+    """Sum of ``v`` (N, M, ...) over axis 1 (an image's M pixels) and ``inner_axes``, accurate at any batch size.
+
+    XLA:CPU lowers a large reduction one way for batches of 1-3 and another from 4 on, where a float32 sum of an
+    image's pixels drifts by up to 1e-5 relative (a GroupNorm output by 1e-4 at SD's VAE resolution). Two
+    stages, partial sums over blocks of about ``SUM_BLOCK`` elements and then over the blocks, with an
+    optimisation barrier between them so that XLA cannot fold them back into one reduction, keep it within
+    float32 rounding (1e-7) at every batch size (tests/test_layers.py). On GPUs the second stage reduces a
+    tensor a few hundred times smaller than the first.
+    """
+    n, m = v.shape[:2]
+    inner = int(np.prod([v.shape[a] for a in inner_axes], dtype=np.int64))
+    b = _pixel_block(m, inner)
+    if b is None:
+        return jnp.sum(v, axis=(1, *inner_axes))
+    if b == 0:  # no divisor near the block size (a large prime pixel count): zeros do not change the sum
+        b = max(1, SUM_BLOCK // inner)
+        v = jnp.pad(v, [(0, 0), (0, (-m) % b)] + [(0, 0)] * (v.ndim - 2))
+        m = v.shape[1]
+    part = jnp.sum(v.reshape(n, m // b, b, *v.shape[2:]), axis=(2, *(a + 1 for a in inner_axes)))
+    return jnp.sum(jax.lax.optimization_barrier(part), axis=1)
+
+
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float):
+    """Per (image, group) statistics of ``x`` (N, ..., C) in float32: ``(shift, offset, rstd)``, each (N, 1, G, 1),
+    such that the normalised value is ``((x - shift) - offset) * rstd``.
+
+    float32 inputs: a shifted two-pass computation. ``shift`` is the group mean (``pixel_sum``); a second pass
+    over ``d = x - shift`` gives ``offset = mean(d)``, which corrects the rounding of ``shift``, and the variance
+    ``mean(d^2) - offset^2``. ``x - shift`` is exact for the values near the mean, so the result is the float64
+    one up to float32 rounding of the output (1e-6 at every batch size, with group means 50 standard deviations
+    from zero; a plain two-pass ``x - mean`` inherits the mean's rounding, 1e-5 there). Same passes over ``x``
+    as PyTorch's two-pass statistics.
+
+    Half-precision inputs (bf16 training) get a one-pass variance, ``mean(x^2) - mean^2`` accumulated in float32
+    (``offset`` 0): XLA computes both sums in the kernel that produces ``x`` and never reads ``x`` again for its
+    statistics. The cancellation error, about ``2^-24 (mean/std)^2`` relative, stays below bf16's own rounding
+    (``2^-8``) unless a group's mean is more than ~100 standard deviations from zero.
     """
     n, c = x.shape[0], x.shape[-1]
     g = x.astype(jnp.float32).reshape(n, -1, num_groups, c // num_groups)
-    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+    count = g.shape[1] * g.shape[3]
+
+    def group_mean(v):
+        return (pixel_sum(v, (3,)) / count)[:, None, :, None]
+
     if jnp.dtype(x.dtype).itemsize < 4:
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
         var = jnp.maximum(jnp.mean(jnp.square(g), axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-    else:
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
-    return mean, jax.lax.rsqrt(var + epsilon)
+        return mean, jnp.zeros_like(mean), jax.lax.rsqrt(var + epsilon)
+    shift = group_mean(g)
+    d = g - shift
+    offset = group_mean(d)
+    var = jnp.maximum(group_mean(jnp.square(d)) - jnp.square(offset), 0.0)
+    return shift, offset, jax.lax.rsqrt(var + epsilon)
 
 
-def _group_xhat(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
+def _group_xhat(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array) -> jax.Array:
     """The normalised ``x`` in float32, shaped (N, M, C) with M the pixels of one image."""
     n, c = x.shape[0], x.shape[-1]
-    g = x.astype(jnp.float32).reshape(n, -1, mean.shape[2], c // mean.shape[2])
-    return ((g - mean) * rstd).reshape(n, -1, c)
+    g = x.astype(jnp.float32).reshape(n, -1, shift.shape[2], c // shift.shape[2])
+    return (((g - shift) - offset) * rstd).reshape(n, -1, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -55,28 +111,31 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     the scale and bias gradients and the two per-group terms of ``dx``; a second kernel forms ``dx``.
     Mathematically the same gradient (float32 rounding apart; within 1e-5 of PyTorch's float64 autograd,
     tests/test_layers.py). On an H100 (deviceless XLA:GPU) one GroupNorm + SiLU at SD's 64x64x320 moves 40%
-    fewer bytes than its autodiff (0.29 vs 0.49 GiB at batch 8).
+    fewer bytes than its autodiff (0.29 vs 0.49 GiB at batch 8). For float32 inputs the pixel sums of both
+    directions are ``pixel_sum``'s, so neither depends on the batch size.
     """
     return _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
-    mean, rstd = _group_stats(x, num_groups, epsilon)
-    y = _group_xhat(x, mean, rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.reshape(x.shape).astype(dtype), (x, mean, rstd, scale, bias)
+    shift, offset, rstd = _group_stats(x, num_groups, epsilon)
+    y = _group_xhat(x, shift, offset, rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.reshape(x.shape).astype(dtype), (x, shift, offset, rstd, scale, bias)
 
 
 def _group_norm_bwd(num_groups, epsilon, dtype, res, dy):
     del epsilon, dtype
-    x, mean, rstd, scale, bias = res
+    x, shift, offset, rstd, scale, bias = res
     n, c = x.shape[0], x.shape[-1]
     cg = c // num_groups
     count = (x.size // (n * c)) * cg  # elements per (image, group)
     s = scale.astype(jnp.float32)
     dyf = dy.astype(jnp.float32).reshape(n, -1, c)
-    xhat = _group_xhat(x, mean, rstd)
-    a = jnp.sum(dyf * xhat, axis=1)  # (N, C)
-    b = jnp.sum(dyf, axis=1)
+    xhat = _group_xhat(x, shift, offset, rstd)
+    if jnp.dtype(x.dtype).itemsize < 4:  # half precision: one fused reduction, as fast as it gets
+        a, b = jnp.sum(dyf * xhat, axis=1), jnp.sum(dyf, axis=1)  # (N, C)
+    else:
+        a, b = pixel_sum(dyf * xhat), pixel_sum(dyf)
     mean_dxhat_xhat = jnp.sum((a * s).reshape(n, num_groups, cg), axis=-1)[:, None, :, None] / count
     mean_dxhat = jnp.sum((b * s).reshape(n, num_groups, cg), axis=-1)[:, None, :, None] / count
     dxhat = (dyf * s).reshape(n, -1, num_groups, cg)
