@@ -28,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU); einsum|xla|cudnn|cudnn_or_xla
     c.model.init = "fast"  # random init: "fast" (seeded host fill by name) or "flax" (module initialisers)
     c.pretrained = ""  # SD weights for unet+vae: hub id, diffusers folder or CompVis .ckpt/.safetensors
+    c.init_from = ""  # start from a whole VPD: official/mmseg .pth, converted folder, or a workdir (DIR, DIR:latest)
     c.class_embeddings = ""  # .npy (27 or 28, text_dim) CLIP scene table (python -m vpd_jax.tools.class_embeddings)
+    c.allow_random_init = False  # True: train without SD weights / a class table (experiments only; said loudly)
 
     c.aug = ml_collections.ConfigDict()
     c.aug.preset = "official_480"  # AugmentConfig preset: official_480, mmseg_480, mmseg_512 or none
@@ -47,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.schedule = "official"  # "official" (two-phase poly), "mmseg" (linear warm-up + poly) or "constant"
     c.optimizer.max_lr = 5e-4  # peak (official) / base (mmseg) / constant learning rate
-    c.optimizer.min_lr = 3e-5  # floor of the official schedule (mmseg: eta_min_ratio * max_lr)
+    c.optimizer.min_lr = 3e-5  # floor of the official schedule
+    c.optimizer.eta_min_ratio = 0.03  # mmseg schedule: floor / base lr (PolyLRRatio), so the floor follows max_lr
     c.optimizer.iters_per_epoch = 1009  # official schedule: updates per epoch
     c.optimizer.epochs = 25  # official schedule: epochs (warm-up is epochs // 2 of them)
     c.optimizer.warmup_steps = 12000  # mmseg schedule: end of the linear warm-up
@@ -64,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # devices that split the large parameter/optimizer tensors (FSDP)
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 1009  # evaluate on the test split every this many updates (and at the end); 0 = end only
+    c.eval.every_steps = 1009  # evaluate on the test split every this many updates (and at the end); 0: end only; -1: never
     c.eval.tta = "official"  # test-time augmentation: "official" (2 shift windows), "mmseg_slide_flip", "mmseg_512", "none"
     c.eval.flip = True  # average each window with its flipped prediction
     c.eval.batch_size = 8  # test images per forward call (per process)

@@ -17,7 +17,8 @@ def get_config():
     c = base.get_config()
     c.data_dir = "demo_out/data"  # demo.py prepares the synthetic scenes here (git-ignored)
     c.dataset = "nyu_vpd/synthetic"
-    c.model.size = "micro"  # the toy network (see trainer.model_config)
+    c.model.size = "micro"  # the toy network (VPDConfig.micro)
+    c.allow_random_init = True  # no SD weights or CLIP table here: a random toy, on purpose
     c.aug.preset = "official_480"  # CutDepth, flip, crop, photometric as the official recipe
     c.aug.crop_size = (120, 120)  # square crops of the 120x160 scenes, as 480x480 of 480x640
     c.train.global_batch_size = 8

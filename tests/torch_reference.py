@@ -24,9 +24,9 @@ from torch import nn as tnn
 # ------------------------------------------------------------------------------------------- configs
 
 # SD-1.5's structure (so the same CompVis key names) at toy widths: 4 levels, cross-attention in the first
-# three, 2 layers per block, widths growing where SD's do.
+# three, 2 layers per block, every level at least 64 wide (no norm group of one channel). VPDConfig.tiny().
 TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 64, 128, 128), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     attention_head_dim=2, cross_attention_dim=32, norm_num_groups=32,
@@ -36,13 +36,13 @@ TINY_VAE = dict(
     in_channels=3, out_channels=3, block_out_channels=(16, 32, 64, 64), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
 )
-TINY_HEAD = dict(text_dim=32, neck_features=32, deconv_filters=(8, 8, 8), decoder_features=16)
+TINY_HEAD = dict(text_dim=32, neck_features=128, deconv_filters=(8, 8, 8), decoder_features=16)
 
-# The same structures with every level at least 64 wide and SD's 32 norm groups: no group is a single channel,
-# so a conv bias before a norm, or a group's mean, is never invisible.
-WIDE_UNET = dict(TINY_UNET, block_out_channels=(64, 64, 128, 128), attention_head_dim=4, cross_attention_dim=64)
+# The VAE too at least 64 wide with SD's 32 norm groups (no group is a single channel, so a conv bias before a
+# norm, or a group's mean, is never invisible), and a wider context.
+WIDE_UNET = dict(TINY_UNET, attention_head_dim=4, cross_attention_dim=64)
 WIDE_VAE = dict(TINY_VAE, block_out_channels=(64, 64, 128, 128), norm_num_groups=32)
-WIDE_HEAD = dict(text_dim=64, neck_features=64, deconv_filters=(16, 16, 16), decoder_features=32)
+WIDE_HEAD = dict(text_dim=64, neck_features=256, deconv_filters=(16, 16, 16), decoder_features=32)
 NUM_CLASSES = 27
 
 
@@ -198,8 +198,10 @@ class TorchVPD:
         self.adapter = TorchTextAdapter(text_dim)
         randomize_(self.adapter, seed + 4)
         g = torch.Generator().manual_seed(seed + 5)
-        self.gamma = 0.5 * torch.randn(text_dim, generator=g)  # far from 1e-4, so the adapter matters
+        self.gamma = tnn.Parameter(0.5 * torch.randn(text_dim, generator=g))  # far from 1e-4: the adapter matters
         self.table = 3.0 * torch.randn(num_classes, text_dim, generator=g)
+        for p in self.vae.parameters():  # frozen in both references
+            p.requires_grad_(False)
 
     def double(self) -> "TorchVPD":
         """A float64 copy: the same network without float32 rounding, to measure how far float32 results are."""
@@ -208,8 +210,27 @@ class TorchVPD:
         twin = copy.deepcopy(self)
         for m in (twin.unet, twin.vae, twin.head, twin.adapter):
             m.double()
-        twin.gamma, twin.table = twin.gamma.double(), twin.table.double()
+        twin.gamma, twin.table = tnn.Parameter(twin.gamma.detach().double()), twin.table.double()
         return twin
+
+    def train(self, mode: bool = True) -> "TorchVPD":
+        """Training mode as in both references: BatchNorm on batch statistics; the VAE stays in eval mode."""
+        for m in (self.unet, self.head, self.adapter):
+            m.train(mode)
+        self.vae.eval()
+        return self
+
+    def official_named_parameters(self):
+        """``(name, parameter)`` under the official ``VPDDepth``'s names (CompVis names in the backbone, placed by
+        diffusers' converter), as ``model.named_parameters()`` lists them."""
+        out = [(k, p) for k, p in self.head.named_parameters()]
+        out += [("encoder.text_adapter." + k, p) for k, p in self.adapter.named_parameters()]
+        out.append(("encoder.gamma", self.gamma))
+        d2l = _diffusers_names_from_ldm({k: None for k in ldm_unet_key_names(self.unet_cfg)}, self.unet_cfg)
+        out += [("encoder.unet.unet.diffusion_model." + d2l[k], p) for k, p in self.unet.named_parameters()
+                if not k.startswith(("conv_norm_out", "conv_out"))]
+        out += [("encoder.encoder_vq." + k, p) for k, p in self.vae.named_parameters()]
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -276,7 +297,7 @@ class TorchVPD:
         backbone, written by diffusers' own ldm -> diffusers key maps run backwards (``ldm_names``)."""
         sd = state_numpy(self.head)  # encoder.layer1/layer2/out_layer, decoder.*, last_layer_depth.*
         sd.update(state_numpy(self.adapter, "encoder.text_adapter."))
-        sd["encoder.gamma"] = self.gamma.numpy().copy()
+        sd["encoder.gamma"] = self.gamma.detach().numpy().copy()
         sd["encoder.class_embeddings"] = self.table.numpy().copy()
         unet = {k: v for k, v in state_numpy(self.unet).items() if not k.startswith(("conv_norm_out", "conv_out"))}
         sd.update({"encoder.unet.unet.diffusion_model." + k: v

@@ -259,105 +259,18 @@ class Predictor:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
-    """``(VPDDepth, variables, crop or None)`` from a converted folder, an official / mmseg PyTorch file, or a
-    training workdir (its best, else latest, checkpoint)."""
-    from vpd_jax.weights.vpd_checkpoint import is_converted_dir, load_vpd_checkpoint, read_converted_meta
+    """``(VPDDepth, variables, crop or None)`` of any model source (``vpd_jax.weights.loader.load_model``)."""
+    from vpd_jax.weights.loader import load_model as load
 
-    p = pathlib.Path(src).expanduser()
-    crop = None
-    if p.is_dir() and not is_converted_dir(p) and _is_training_workdir(p):
-        return _load_training_workdir(p, model_overrides)
-    if p.is_dir() and not is_converted_dir(p):
-        crop = _workdir_crop(p)
-        found = find_in_workdir(p)
-        if found is None:
-            from vpd_jax.weights.common import WeightsError
-
-            raise WeightsError(f"{p}: neither a converted VPD checkpoint (config.json + variables/) nor a "
-                               "training workdir with a checkpoint")
-        p = found
-    model, variables, _, _ = load_vpd_checkpoint(p, model_overrides=model_overrides or None)
-    if is_converted_dir(p):
-        meta = read_converted_meta(p)
-        crop = meta.get("crop") or meta.get("source", {}).get("crop") or crop
-    return model, variables, (int(crop) if crop else None)
-
-
-def _is_training_workdir(workdir: pathlib.Path) -> bool:
-    """A ``train.py`` workdir: its training config as JSON and orbax managers under ``best/`` or ``checkpoints/``
-    (not converted checkpoints placed in a folder, which ``find_in_workdir`` handles)."""
-    import json
-
-    from vpd_jax.weights.vpd_checkpoint import is_converted_dir
-
-    try:
-        cfg = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not (isinstance(cfg, dict) and "model" in cfg and "train" in cfg):
-        return False
-    best, ckpts = workdir / "best", workdir / "checkpoints"
-    return (best.is_dir() and not is_converted_dir(best)) or (ckpts.is_dir() and not is_converted_dir(ckpts))
-
-
-def _load_training_workdir(workdir: pathlib.Path, model_overrides: dict | None):
-    """``(VPDDepth, variables, crop)`` of a ``train.py`` workdir: its best-by-RMSE weights, else its latest."""
-    import dataclasses
-    import json
-
-    import ml_collections
-
-    from vpd_jax.models.vpd import VPDDepth, abstract_variables
-    from vpd_jax.training import checkpoint as C
-    from vpd_jax.training import trainer
-
-    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    config = trainer.model_config(cfg)
-    if model_overrides:
-        config = dataclasses.replace(config, **{k: v for k, v in model_overrides.items() if v is not None})
-    model = VPDDepth(config)
-    abstract = abstract_variables(model)
-    if any((workdir / "best").glob("[0-9]*")):
-        variables, _, _ = C.restore_best(str(workdir), abstract)
-    else:
-        from vpd_jax.evaluation.evaluator import load_for_eval
-
-        _, variables, _ = load_for_eval(cfg, workdir=str(workdir), which="latest")
-    return model, variables, _workdir_crop(workdir)
-
-
-def _workdir_crop(workdir: pathlib.Path) -> int | None:
-    """The training crop from a workdir's saved config (``aug.crop_size``), if it left one as JSON."""
-    import json
-
-    for name in ("config.json", "config/config.json"):
-        try:
-            cfg = json.loads((workdir / name).read_text())
-            size = cfg["aug"]["crop_size"]
-            return int(size[0] if isinstance(size, (list, tuple)) else size)
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue
-    return None
+    loaded = load(src, overrides=model_overrides)
+    return loaded.model, loaded.variables, loaded.crop
 
 
 def find_in_workdir(workdir: pathlib.Path) -> pathlib.Path | None:
-    """The converted checkpoint inside a training workdir: ``best/`` or ``export/`` if present, else the
-    highest-numbered step folder that is one; None if none is found."""
-    from vpd_jax.weights.vpd_checkpoint import is_converted_dir
+    """The converted checkpoint inside a folder (``vpd_jax.weights.loader.find_converted``)."""
+    from vpd_jax.weights.loader import find_converted
 
-    for name in ("best", "export", "final"):
-        if is_converted_dir(workdir / name):
-            return workdir / name
-    steps = []
-    for d in workdir.glob("*"):
-        for cand in (d, d / "model", d / "export"):
-            if d.name.isdigit() and is_converted_dir(cand):
-                steps.append((int(d.name), cand))
-                break
-    if not steps:
-        ckpts = workdir / "checkpoints"
-        return find_in_workdir(ckpts) if ckpts.is_dir() else None
-    return max(steps)[1]
+    return find_converted(pathlib.Path(workdir))
 
 
 # ------------------------------------------------------------------------------------------- files

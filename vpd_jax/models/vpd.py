@@ -134,14 +134,68 @@ class VPDConfig:
 
     @classmethod
     def tiny(cls, **kw) -> VPDConfig:
-        """SD-1.5's exact block structure (same CompVis key names) at toy widths, for tests and CPU smoke runs."""
-        unet = UNetConfig(block_out_channels=(32, 64, 128, 128), attention_head_dim=2, cross_attention_dim=32,
+        """SD-1.5's exact block structure (same CompVis key names) at toy widths, for tests and CPU smoke runs.
+
+        Every UNet level is at least 64 wide, so each of SD's 32 norm groups holds more than one channel and every
+        trained tensor moves the output (a conv bias before a one-channel group would not). The neck is 8x the
+        decoder's width, as SD-1.5's 1536 = 8 x 192 (mmseg's ``VPDDepthHead`` requires it).
+        """
+        unet = UNetConfig(block_out_channels=(64, 64, 128, 128), attention_head_dim=2, cross_attention_dim=32,
                           norm_num_groups=32)
         vae = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=16)
-        base = dict(text_dim=32, neck_features=32, deconv_filters=(8, 8, 8), decoder_features=16, unet=unet,
+        base = dict(text_dim=32, neck_features=128, deconv_filters=(8, 8, 8), decoder_features=16, unet=unet,
                     vae=vae)
         base.update(kw)
         return cls(**base)
+
+    @classmethod
+    def micro(cls, **kw) -> VPDConfig:
+        """The demo's toy: SD's layout (4 UNet levels, VAE x8) with one resnet per level and one cross-attention
+        block down and up; compiles in about a minute on 2 CPU cores."""
+        unet = UNetConfig(block_out_channels=(16, 32, 32, 32),
+                          down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * 3,
+                          up_block_types=("UpBlock2D",) * 3 + ("CrossAttnUpBlock2D",), mid_block_type=None,
+                          layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
+        vae = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
+                        mid_block_add_attention=False)
+        base = dict(unet=unet, vae=vae, neck_features=32)
+        base.update(kw)
+        return cls.tiny(**base)
+
+    @classmethod
+    def preset(cls, size: str, **kw) -> VPDConfig:
+        """A named architecture: ``"sd15"`` (the released models), ``"tiny"`` or ``"micro"``; ``kw`` overrides."""
+        if size not in PRESETS:
+            raise ValueError(f"model size {size!r} is not one of {PRESETS}")
+        return cls(**kw) if size == "sd15" else getattr(cls, size)(**kw)
+
+    @classmethod
+    def from_training(cls, model: Mapping[str, Any]) -> VPDConfig:
+        """The ``VPDConfig`` of a training config's ``model`` section (``configs/base.py``)."""
+        return cls.preset(
+            model["size"], max_depth=float(model["max_depth"]), head_init=model["head_init"], dtype=model["dtype"],
+            param_dtype=model["param_dtype"], remat=bool(model["remat"]),
+            attention_impl=model.get("attention_impl") or None)
+
+    # Fields that decide the variables' shapes (the rest: numerics, memory, output range).
+    ARCHITECTURE_FIELDS = ("unet", "vae", "text_dim", "num_classes", "neck_features", "neck_groups",
+                           "deconv_filters", "decoder_features")
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the variables, as a JSON-friendly dict (two configs with equal architectures
+        can exchange weights)."""
+        d = self.to_dict()
+        return {k: d[k] for k in self.ARCHITECTURE_FIELDS}
+
+    def architecture_size(self) -> str | None:
+        """The preset name whose architecture this is, or None."""
+        for name in PRESETS:
+            if VPDConfig.preset(name).architecture() == self.architecture():
+                return name
+        return None
+
+
+PRESETS = ("sd15", "tiny", "micro")
 
 
 class VPDDepth(nn.Module):

@@ -24,10 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
-log = logging.getLogger(__name__)
+from vpd_jax.weights.loader import BEST, BEST_ITEMS, CHECKPOINTS, STATE_ITEMS, checkpoint_steps
 
-CHECKPOINTS = "checkpoints"
-BEST = "best"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -56,10 +55,10 @@ class Checkpointer:
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.latest = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS), options=opts,
-                                            item_names=("state", "constants", "data", "meta"))
+                                            item_names=STATE_ITEMS)
         best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save)
         self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST), options=best_opts,
-                                          item_names=("model", "meta"))
+                                          item_names=BEST_ITEMS)
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, state, constants, data_state: bytes | None, meta: dict, *, force: bool = False) -> bool:
@@ -113,6 +112,50 @@ class Checkpointer:
                 f"(another config in the same workdir?): {_short(e)}") from None
         loader = (out.data or {}).get("loader")
         return out.state, out.constants, (loader.encode() if loader else None), dict(out.meta or {})
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint of a workdir, or None (reads the folder only; creates nothing)."""
+    steps = checkpoint_steps(os.path.join(os.path.abspath(workdir), CHECKPOINTS))
+    return steps[-1] if steps else None
+
+
+def best_meta(workdir: str) -> dict | None:
+    """The JSON metadata (step, metrics, config) of a workdir's best weights, or None."""
+    root = os.path.join(os.path.abspath(workdir), BEST)
+    steps = checkpoint_steps(root)
+    if not steps:
+        return None
+    try:
+        with open(os.path.join(root, str(steps[-1]), "meta", "metadata")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def restore_latest(workdir: str, abstract_state, abstract_constants, step: int | None = None):
+    """``(state, constants, data_state, meta)`` of the newest checkpoint (or ``step``) in ``abstract_state``'s
+    shardings, read through a read-only manager: a restore that fails leaves the workdir as it was."""
+    ocp = _ocp()
+    root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {root}")
+    mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                item_names=STATE_ITEMS)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                              constants=ocp.args.StandardRestore(_abstract(abstract_constants)),
+                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    try:
+        out = mgr.restore(step, args=args)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{root}/{step} does not fit this run's model/optimizer "
+            f"(another config in the same workdir?): {_short(e)}") from None
+    finally:
+        mgr.close()
+    loader = (out.data or {}).get("loader")
+    return out.state, out.constants, (loader.encode() if loader else None), dict(out.meta or {})
 
 
 def restore_best(workdir: str, abstract_model) -> tuple[dict, dict, int]:

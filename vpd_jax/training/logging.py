@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,12 +28,26 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class MetricWriter:
-    """Scalars and images to TensorBoard (``workdir/tb``) and one console line per log step."""
+METRICS_FILE = "metrics.jsonl"
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+
+class MetricWriter:
+    """Scalars to ``workdir/metrics.jsonl`` (one JSON object per line: ``step``, ``kind`` and the values) and to
+    TensorBoard (``workdir/tb``) with images, and one console line per log step.
+
+    ``resume_step``: lines of steps after it (written by a run that was killed after its last checkpoint) are
+    dropped, so the file describes the run that continues.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
+        self._jsonl = None
+        if enabled:
+            path = os.path.join(workdir, METRICS_FILE)
+            if resume_step is not None and os.path.exists(path):
+                _truncate_after(path, resume_step)
+            self._jsonl = open(path, "a")
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -41,8 +56,15 @@ class MetricWriter:
             except ImportError:  # pragma: no cover - tensorboardX is in requirements.txt
                 log.warning("tensorboardX is not installed: console logging only")
 
-    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        if not self.enabled or self._tb is None:
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "", kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            row = {"step": int(step), "kind": kind}
+            row.update({k: _json_float(v) for k, v in values.items()})
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb is None:
             return
         for k, v in values.items():
             self._tb.add_scalar(f"{prefix}{k}", float(v), step)
@@ -60,6 +82,36 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def _json_float(v) -> float | None:
+    f = float(v)
+    return f if math.isfinite(f) else None  # JSON has no inf/NaN
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the lines of ``path`` whose step is at most ``step`` (atomic rewrite)."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of a killed run
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl``."""
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 class Throughput:

@@ -39,28 +39,12 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------------ builders
 def model_config(cfg):
     """The ``VPDConfig`` of ``cfg.model``."""
-    from vpd_jax.models.unet import UNetConfig
-    from vpd_jax.models.vae import VAEConfig
     from vpd_jax.models.vpd import VPDConfig
 
-    m = cfg.model
-    common = dict(max_depth=float(m.max_depth), head_init=m.head_init, dtype=m.dtype, param_dtype=m.param_dtype,
-                  remat=bool(m.remat), attention_impl=m.attention_impl or None)
-    if m.size == "sd15":
-        return VPDConfig(**common)
-    if m.size == "tiny":
-        return VPDConfig.tiny(**common)
-    if m.size == "micro":
-        # The demo's toy: SD's layout (4 UNet levels, VAE x8) with one resnet per level and one
-        # cross-attention block down and up; compiles in ~1 min on 2 CPU cores.
-        unet = UNetConfig(block_out_channels=(16, 32, 32, 32),
-                          down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * 3,
-                          up_block_types=("UpBlock2D",) * 3 + ("CrossAttnUpBlock2D",), mid_block_type=None,
-                          layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
-        vae = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
-                        mid_block_add_attention=False)
-        return VPDConfig.tiny(unet=unet, vae=vae, neck_features=32, **common)
-    raise ConfigError(f"model.size {m.size!r} is not one of 'sd15', 'tiny', 'micro'")
+    try:
+        return VPDConfig.from_training(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def build_schedule(cfg):
@@ -72,7 +56,7 @@ def build_schedule(cfg):
                              epochs=o.epochs)
     if o.schedule == "mmseg":
         return make_schedule("mmseg", base_lr=o.max_lr, warmup_start_factor=o.warmup_start_factor,
-                             warmup_end=o.warmup_steps, decay_end=o.decay_steps, eta_min_ratio=o.min_lr / o.max_lr)
+                             warmup_end=o.warmup_steps, decay_end=o.decay_steps, eta_min_ratio=o.eta_min_ratio)
     if o.schedule == "constant":
         return make_schedule("constant", value=o.max_lr)
     raise ConfigError(f"optimizer.schedule {o.schedule!r} is not one of 'official', 'mmseg', 'constant'")
@@ -98,6 +82,17 @@ def augment_config(cfg):
     aug = presets[cfg.aug.preset]()
     crop = tuple(cfg.aug.crop_size) if cfg.aug.crop_size else None
     return dataclasses.replace(aug, crop_size=crop, max_depth=float(cfg.model.max_depth))
+
+
+def train_loader(cfg, process_index: int | None = None, process_count: int | None = None):
+    """The training batch stream of ``cfg`` for this process (``jax.process_index()`` of ``process_count``)."""
+    from vpd_jax.data.loader import make_train_loader
+
+    return make_train_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.train_split,
+                             global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, aug=augment_config(cfg),
+                             process_index=jax.process_index() if process_index is None else process_index,
+                             process_count=jax.process_count() if process_count is None else process_count,
+                             worker_count=cfg.worker_count, class_rule=cfg.class_rule)
 
 
 def class_table(cfg, abstract_constants) -> dict:
@@ -162,14 +157,64 @@ def abstract_train_state(abstract_vars, tx, mesh):
     return abstract, shardings
 
 
-def initial_variables(cfg, model) -> dict:
+def check_architecture(source, config, cfg) -> None:
+    """``init_from``'s architecture must be the config's (``model.size``): else one error naming the differences."""
+    src, want = source.architecture(), config.architecture()
+    if src == want:
+        return
+    diff = [k for k in want if src[k] != want[k]]
+    size = source.architecture_size()
+    hint = f"; use --config.model.size={size}" if size else ""
+    raise ConfigError(f"init_from {cfg.init_from}: its architecture ({size or 'no preset'}) is not model.size "
+                      f"{cfg.model.size!r}'s (differs in {', '.join(diff)}){hint}")
+
+
+def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]:
+    """``(variables, constants, notes)`` a fresh run starts from, ``notes`` saying where they came from.
+
+    ``init_from``: a whole trained VPD (every weight, the BatchNorm statistics and the class table; an explicit
+    ``class_embeddings`` replaces its table). Otherwise the head, text adapter and gamma start random (the
+    references' initialisation), the UNet and VAE from ``pretrained``, the class table from ``class_embeddings``.
+    Missing SD weights or class table are an error unless ``allow_random_init`` (then said loudly).
+    """
     from vpd_jax.training import initialize
 
+    if cfg.init_from and cfg.pretrained:
+        raise ConfigError("give --config.init_from or --config.pretrained, not both: init_from brings its own "
+                          "Stable Diffusion weights")
+    if cfg.init_from:
+        from vpd_jax.weights.loader import load_model
+
+        # A PyTorch file is read into the run's architecture (group and head counts are not in its tensors).
+        loaded = load_model(cfg.init_from, config=model.config.replace(dtype="float32", remat=False))
+        check_architecture(loaded.config, model.config, cfg)
+        variables = {"params": loaded.variables["params"], "batch_stats": loaded.variables["batch_stats"]}
+        notes = [f"weights, BatchNorm statistics and class table from {loaded.description}"]
+        constants = dict(loaded.variables["constants"])
+        if cfg.class_embeddings:
+            constants = class_table(cfg, abstract_vars["constants"])
+            notes.append(f"class table replaced by {cfg.class_embeddings}")
+        return variables, constants, notes
+    missing = []
+    if not cfg.pretrained:
+        missing.append("--config.pretrained (Stable Diffusion weights)")
+    if not cfg.class_embeddings:
+        missing.append("--config.class_embeddings (the CLIP scene table)")
+    if missing and not cfg.allow_random_init:
+        raise ConfigError(f"{' and '.join(missing)} not given, nor --config.init_from (a trained VPD); "
+                          "--config.allow_random_init=True trains without them, for experiments only")
     variables = initialize.random_variables(model, cfg.seed, cfg.model.init)
+    notes = [f"head, text adapter and gamma: random ({cfg.model.init} init, the references' distributions)"]
     if cfg.pretrained:
         log.info("loading Stable Diffusion weights from %s", cfg.pretrained)
         variables = initialize.with_pretrained(variables, model, cfg.pretrained)
-    return variables
+        notes.append(f"UNet and VAE from {cfg.pretrained}")
+    else:
+        notes.append("WARNING: UNet and VAE random (no --config.pretrained; allow_random_init)")
+    if not cfg.class_embeddings:
+        notes.append("WARNING: class table all zeros, every scene gets the same context (no "
+                     "--config.class_embeddings; allow_random_init)")
+    return variables, class_table(cfg, abstract_vars["constants"]), notes
 
 
 def _flops(compiled) -> float | None:
@@ -182,6 +227,14 @@ def _flops(compiled) -> float | None:
         return None
 
 
+def write_json_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file renamed over it)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _json_metrics(m: dict) -> dict:
     return {k: float(v) for k, v in m.items()}
 
@@ -189,65 +242,69 @@ def _json_metrics(m: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg, workdir: str) -> dict:
     """Trains ``cfg`` in ``workdir`` (resuming from its latest checkpoint). Returns a summary dict."""
-    from vpd_jax.data.loader import make_eval_loader, make_train_loader
+    from vpd_jax.data.loader import make_eval_loader
     from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, save_picture, picture_grid, write_json
     from vpd_jax.models.vpd import VPDDepth, abstract_variables
+    from vpd_jax.training import checkpoint as C
     from vpd_jax.training import step as S
     from vpd_jax.training.checkpoint import Checkpointer
     from vpd_jax.training.logging import MetricWriter, Throughput, fmt_duration, step_line
-    from vpd_jax.training.optimizer import trainable_mask
+    from vpd_jax.training.optimizer import learning_rates, trainable_mask
 
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, enabled=is_main)
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=2))
 
+    def say(text: str) -> None:
+        if is_main:
+            print(text, flush=True)
+
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: exists and is not a folder")
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     check_config(cfg, mesh.size)
-    writer.console(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "
-                   f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
+    say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
     total = int(cfg.train.total_steps)
     model = VPDDepth(model_config(cfg))
     tx, schedule, rules = build_optimizer(cfg)
     settings = EvalSettings.from_config(cfg.eval)  # validates eval fields before any long work
 
     # Data first: a missing dataset fails in one line before any compilation.
-    aug = augment_config(cfg)
-    loader = make_train_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.train_split,
-                               global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, aug=aug,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               worker_count=cfg.worker_count, class_rule=cfg.class_rule)
+    loader = train_loader(cfg)
     eval_loader = make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split,
                                    batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
                                    process_count=jax.process_count(), class_rule=cfg.class_rule)
 
-    # Shapes -> shardings -> restore or allocate.
+    # Shapes -> shardings -> restore or allocate. Nothing is written to the workdir before this succeeds.
     abstract_vars = abstract_variables(model)
     abstract_state, shardings = abstract_train_state(abstract_vars, tx, mesh)
-    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     best_rmse = math.inf
     t0 = time.perf_counter()
-    if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, constants, data_state, meta = ckpt.restore(abstract_state, abstract_vars["constants"], start)
+    start = C.latest_step(workdir)
+    if start is not None:
+        state, constants, data_state, meta = C.restore_latest(workdir, abstract_state, abstract_vars["constants"],
+                                                              start)
         constants = jax.tree.map(np.asarray, constants)
         if data_state is not None:
             loader.set_state(_for_this_process(data_state))
-        best = ckpt.best_meta()
+        best = C.best_meta(workdir)
         if best and "rmse" in best.get("metrics", {}):
             best_rmse = float(best["metrics"]["rmse"])
-        writer.console(f"resumed from {ckpt.latest.directory}/{start} in {time.perf_counter() - t0:.1f}s")
+        say(f"resumed from {workdir}/{C.CHECKPOINTS}/{start} in {time.perf_counter() - t0:.1f}s"
+            + (f" (init_from {cfg.init_from} only seeds a new run; ignored)" if cfg.init_from else ""))
     else:
-        variables = initial_variables(cfg, model)
-        constants = class_table(cfg, abstract_vars["constants"])
+        variables, constants, notes = initial_variables(cfg, model, abstract_vars)
         state, _ = S.create_train_state_from_variables(variables, tx, mesh, int(cfg.seed))
         del variables
-        writer.console(f"initialised {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters "
-                       f"({cfg.model.size}{', pretrained ' + cfg.pretrained if cfg.pretrained else ', random'}) "
-                       f"in {time.perf_counter() - t0:.1f}s")
+        say(f"initialised {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters ({cfg.model.size}) in "
+            f"{time.perf_counter() - t0:.1f}s")
+        for note in notes:
+            say(f"  {note}")
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        write_json_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 
     step_fn = S.make_train_step(make_loss_fn(model, cfg, constants), tx, mesh, shardings,
                                 num_microbatches=cfg.train.num_microbatches, group_size=cfg.train.group_size,
@@ -264,7 +321,7 @@ def train(cfg, workdir: str) -> dict:
     flops = _flops(compiled)
     writer.console(f"compiled the train step in {compile_s:.1f}s"
                    + (f" ({flops / 1e12:.3f} TFLOP per step)" if flops else ""))
-    writer.scalars(int(jax.device_get(state.step)), {"compile_seconds": compile_s})
+    writer.scalars(int(jax.device_get(state.step)), {"compile_seconds": compile_s}, kind="compile")
 
     evaluator = Evaluator(model, settings, mesh)
     throughput = Throughput(cfg.train.global_batch_size, flops, mesh.size, cfg.peak_flops_per_device, total)
@@ -285,7 +342,7 @@ def train(cfg, workdir: str) -> dict:
         m = res["metrics"]
         writer.console(f"eval at step {step} on {res['num_images']} images ({res['seconds']:.1f}s)\n"
                        + format_table({f"step {step}": m}))
-        writer.scalars(step, m, prefix="test/")
+        writer.scalars(step, m, prefix="test/", kind="eval")
         if is_main:
             write_json(os.path.join(workdir, "eval", f"step_{step}.json"),
                        {"step": step, "metrics": m, "num_images": res["num_images"]})
@@ -310,7 +367,8 @@ def train(cfg, workdir: str) -> dict:
             step += 1
             do_log = step % cfg.log_every_steps == 0 or step == total
             do_ckpt = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == total
-            do_eval = (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total
+            every = int(cfg.eval.every_steps)
+            do_eval = every >= 0 and ((every and step % every == 0) or step == total)
             stopping = stop["signal"] is not None
             if do_log or do_ckpt or do_eval or stopping:
                 m = _json_metrics(jax.device_get(metrics))
@@ -324,7 +382,9 @@ def train(cfg, workdir: str) -> dict:
                         f"stopped without saving; {where}. Lower optimizer.max_lr or check the data.")
                 last_metrics = m
             if do_log:
-                m = {**last_metrics, **throughput.measure(step)}
+                # the rate of each multiplier group for this update (the step's own "lr" is the base rate)
+                group_lrs = {k: float(v) for k, v in learning_rates(schedule, step - 1, rules).items() if k not in ("lr", "lr_x1")}
+                m = {**last_metrics, **group_lrs, **throughput.measure(step)}
                 writer.console(step_line(step, total, m))
                 writer.scalars(step, m, prefix="train/")
             if do_eval:

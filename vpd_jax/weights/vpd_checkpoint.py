@@ -419,6 +419,36 @@ def read_converted_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path}: unreadable {CONFIG_FILE} ({e})") from None
 
 
+def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """``(variables, VPDConfig)`` of a folder written by ``save_converted`` (host numpy arrays).
+
+    The model's own shapes are the restore target, so a checkpoint of another architecture fails by leaf.
+    """
+    import orbax.checkpoint as ocp
+
+    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+
+    p = pathlib.Path(path).expanduser()
+    if not is_converted_dir(p):
+        raise WeightsError(f"{p}: not a converted VPD checkpoint (expected {CONFIG_FILE} and {VARIABLES_DIR}/)")
+    meta = read_converted_meta(p)
+    try:
+        cfg = VPDConfig.from_dict(meta["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"{p / CONFIG_FILE}: not a VPD model config ({e})") from None
+    target = abstract_variables(VPDDepth(cfg))
+    try:
+        variables = ocp.StandardCheckpointer().restore(p.resolve() / VARIABLES_DIR, target)
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"{p}: {VARIABLES_DIR}/ does not fit the model of its {CONFIG_FILE} ({e})") from None
+    return _tree_map(np.asarray, variables), cfg
+
+
+def check_shapes(abstract: Mapping[str, Any], variables: Mapping[str, Any], what: str) -> None:
+    """One ``WeightsError`` naming every leaf of ``variables`` missing, unexpected or mis-shaped for ``abstract``."""
+    check_tree(abstract, variables, what)
+
+
 def load_vpd_checkpoint(path: str | os.PathLike, config: Any = None, fmt: str = "auto", *,
                         model_overrides: Mapping[str, Any] | None = None):
     """``(model, variables, class_embeddings, config)`` from a converted folder or a released PyTorch file.
@@ -429,23 +459,11 @@ def load_vpd_checkpoint(path: str | os.PathLike, config: Any = None, fmt: str = 
     ``remat``, ...), applied on top. ``variables`` hold host numpy arrays; ``class_embeddings`` is the
     (num_classes + 1, text_dim) table also found at ``variables['constants']['class_embeddings']``.
     """
-    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+    from vpd_jax.models.vpd import VPDDepth
 
     p = pathlib.Path(path).expanduser()
     if p.is_dir():
-        if not is_converted_dir(p):
-            raise WeightsError(f"{p}: not a converted VPD checkpoint (expected {CONFIG_FILE} and {VARIABLES_DIR}/)")
-        import orbax.checkpoint as ocp
-
-        meta = read_converted_meta(p)
-        cfg = VPDConfig.from_dict(meta["config"])
-        # The model's own shapes as the target: a checkpoint of another architecture fails here, by leaf.
-        target = abstract_variables(VPDDepth(cfg))
-        try:
-            variables = ocp.StandardCheckpointer().restore(p.resolve() / VARIABLES_DIR, target)
-        except (ValueError, KeyError) as e:
-            raise WeightsError(f"{p}: {VARIABLES_DIR}/ does not fit the model of its {CONFIG_FILE} ({e})") from None
-        variables = _tree_map(np.asarray, variables)
+        variables, cfg = load_converted(p)
     elif p.is_file():
         conv = convert_file(p, config, fmt)
         cfg, variables = conv.config, conv.variables

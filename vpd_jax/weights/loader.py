@@ -1,0 +1,248 @@
+"""One door to a trained VPD: ``load_model(source)`` for every kind of source, one named result.
+
+Sources:
+
+* an official or mmseg PyTorch file (``.pth``/``.ckpt``/``.safetensors``), converted on the fly
+  (``torch.load(weights_only=True)``; ``vpd_checkpoint.convert_file``);
+* a folder written by ``python -m vpd_jax.tools.convert`` (``config.json`` + ``variables/``);
+* a ``train.py`` workdir: its best-by-RMSE weights (default), or its newest checkpoint with ``which="latest"``
+  or the suffix ``:latest`` (``:best`` also works). Only the parameters, the batch statistics and the class table
+  are read (an orbax partial restore), never the optimizer state;
+* any other folder holding a converted checkpoint (``best/``, ``export/``, ``final/`` or numbered step folders).
+
+The result holds host numpy arrays; ``overrides`` replace ``VPDConfig`` fields that do not change the weights
+(``dtype``, ``attention_impl``, ``remat``, ``max_depth``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+from vpd_jax.weights import vpd_checkpoint as vc
+from vpd_jax.weights.common import WeightsError
+
+# The layout of a train.py workdir (written by vpd_jax.training.checkpoint).
+WORKDIR_CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"  # <step>/{state, constants, data, meta}: the full train state, the last K
+BEST = "best"  # <step>/{model, meta}: params, batch_stats and constants of the best test RMSE
+STATE_ITEMS = ("state", "constants", "data", "meta")
+BEST_ITEMS = ("model", "meta")
+WHICH = ("best", "latest")
+PYTORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: ``model.apply(variables, images, ...)``.
+
+    ``crop``: the square training crop if the source records it (None: the released models' 480 applies);
+    ``class_rule``: the filename-to-class rule the weights were trained with ("official"/"mmseg") if known;
+    ``kind``: "pytorch", "converted" or "workdir"; ``step``: the training step of a workdir checkpoint.
+    """
+
+    model: VPDDepth
+    variables: dict[str, Any]
+    config: VPDConfig
+    crop: int | None
+    class_rule: str | None
+    description: str
+    kind: str
+    step: int | None = None
+
+    @property
+    def class_embeddings(self) -> np.ndarray:
+        return np.asarray(self.variables["constants"]["class_embeddings"])
+
+
+def split_source(source: str | os.PathLike) -> tuple[pathlib.Path, str | None]:
+    """``"DIR:latest"`` -> (DIR, "latest"); a plain path -> (path, None). A path that exists as written wins."""
+    s = os.fspath(source)
+    p = pathlib.Path(s).expanduser()
+    if not p.exists():
+        for which in WHICH:
+            if s.endswith(":" + which):
+                return pathlib.Path(s[: -len(which) - 1]).expanduser(), which
+    return p, None
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    """A ``train.py`` workdir: its training config as JSON and orbax checkpoints under ``best/`` or
+    ``checkpoints/`` (not converted checkpoints placed in a folder)."""
+    p = pathlib.Path(path)
+    try:
+        cfg = json.loads((p / WORKDIR_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(cfg, dict) and "model" in cfg and "train" in cfg):
+        return False
+    return any((p / d).is_dir() and not vc.is_converted_dir(p / d) for d in (BEST, CHECKPOINTS))
+
+
+def workdir_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The training config a workdir was run with (its ``config.json``) as a plain dict."""
+    path = pathlib.Path(workdir) / WORKDIR_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: unreadable training config ({e})") from None
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise WeightsError(f"{path}: not a train.py config (no 'model' section)")
+    return cfg
+
+
+def config_crop(cfg: Mapping[str, Any]) -> int | None:
+    """The square training crop of a training config (``aug.crop_size``), if it has one."""
+    try:
+        size = cfg["aug"]["crop_size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+
+
+def checkpoint_steps(root: str | os.PathLike) -> list[int]:
+    """The finished checkpoints of an orbax manager folder, oldest first (orbax's temporary folders excluded)."""
+    p = pathlib.Path(root)
+    if not p.is_dir():
+        return []
+    return sorted(int(d.name) for d in p.iterdir() if d.is_dir() and d.name.isdigit())
+
+
+def _host_restore_args(tree):
+    import orbax.checkpoint as ocp
+
+    return {k: _host_restore_args(v) if isinstance(v, Mapping) else ocp.RestoreArgs(restore_type=np.ndarray)
+            for k, v in tree.items()}
+
+
+def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, which: str = "best"
+                              ) -> tuple[dict[str, Any], int]:
+    """``(variables, step)`` of a workdir's best weights or newest checkpoint, as host numpy arrays.
+
+    Only ``params``, ``batch_stats`` and ``constants`` are read; the optimizer state stays on disk.
+    """
+    import orbax.checkpoint as ocp
+
+    if which not in WHICH:
+        raise WeightsError(f"which={which!r} is not one of {WHICH}")
+    wd = pathlib.Path(workdir)
+    abstract = abstract_variables(VPDDepth(config))
+    if which == "best":
+        steps = checkpoint_steps(wd / BEST)
+        if not steps:
+            raise WeightsError(f"{wd / BEST}: no best checkpoint (training never evaluated?); use :latest")
+        step = steps[-1]
+        item = wd / BEST / str(step) / "model"
+        target = {k: abstract[k] for k in ("params", "batch_stats", "constants")}
+    else:
+        steps = checkpoint_steps(wd / CHECKPOINTS)
+        if not steps:
+            raise WeightsError(f"{wd / CHECKPOINTS}: no checkpoint")
+        step = steps[-1]
+        item = wd / CHECKPOINTS / str(step) / "state"
+        target = {k: abstract[k] for k in ("params", "batch_stats")}
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=_host_restore_args(target),
+                                                              partial_restore=True))
+        if which == "latest":
+            const_target = {"class_embeddings": abstract["constants"]["class_embeddings"]}
+            out = {**out, "constants": ckptr.restore(
+                item.parent / "constants", args=ocp.args.PyTreeRestore(
+                    item=const_target, restore_args=_host_restore_args(const_target)))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{item}: does not fit the model of {wd / WORKDIR_CONFIG} "
+                           f"({str(e).splitlines()[0][:300]})") from None
+    variables = {k: _as_numpy(out[k]) for k in ("params", "batch_stats", "constants")}
+    vc.check_shapes(abstract, variables, str(item))
+    return variables, step
+
+
+def _as_numpy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _as_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def find_converted(folder: pathlib.Path) -> pathlib.Path | None:
+    """The converted checkpoint inside a folder: ``best/``, ``export/`` or ``final/`` if one is, else the
+    highest-numbered step folder that is one (or holds one under ``model/``/``export/``); None if none."""
+    for name in ("best", "export", "final"):
+        if vc.is_converted_dir(folder / name):
+            return folder / name
+    steps = []
+    for d in folder.glob("*"):
+        if not d.name.isdigit():
+            continue
+        for cand in (d, d / "model", d / "export"):
+            if vc.is_converted_dir(cand):
+                steps.append((int(d.name), cand))
+                break
+    if steps:
+        return max(steps)[1]
+    return find_converted(folder / CHECKPOINTS) if (folder / CHECKPOINTS).is_dir() else None
+
+
+def load_model(source: str | os.PathLike, *, which: str | None = None, config: VPDConfig | None = None,
+               fmt: str = "auto", overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+    """The model of ``source`` (see the module docstring). ``config``/``fmt`` only apply to PyTorch files (an
+    architecture other than SD-1.5's, the layout); ``which`` only to workdirs."""
+    path, suffix_which = split_source(source)
+    which = which or suffix_which
+    if which is not None and which not in WHICH:
+        raise WeightsError(f"which={which!r} is not one of {WHICH}")
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+
+    def finish(loaded: LoadedModel) -> LoadedModel:
+        if overrides:
+            loaded.config = loaded.config.replace(**overrides)
+            loaded.model = VPDDepth(loaded.config)
+        return loaded
+
+    if path.is_file():
+        conv = vc.convert_file(path, config, fmt)
+        return finish(LoadedModel(VPDDepth(conv.config), conv.variables, conv.config, None, conv.format,
+                                  f"{path} ({conv.format} layout)", "pytorch"))
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise WeightsError(f"{path}: not a checkpoint file or folder")
+    if vc.is_converted_dir(path):
+        return finish(_load_converted(path))
+    if is_training_workdir(path):
+        cfg = workdir_config(path)
+        try:
+            config = VPDConfig.from_training(cfg["model"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{path / WORKDIR_CONFIG}: model section: {e}") from None
+        which = which or ("best" if checkpoint_steps(path / BEST) else "latest")
+        variables, step = restore_workdir_variables(path, config, which)
+        return finish(LoadedModel(VPDDepth(config), variables, config, config_crop(cfg), cfg.get("class_rule"),
+                                  f"{path} ({which}, step {step})", "workdir", step))
+    found = find_converted(path)
+    if found is None:
+        raise WeightsError(f"{path}: neither a converted VPD checkpoint (config.json + variables/), a train.py "
+                           "workdir, nor a folder holding a converted checkpoint")
+    loaded = _load_converted(found)
+    if loaded.crop is None and (path / WORKDIR_CONFIG).is_file():
+        try:
+            loaded.crop = config_crop(json.loads((path / WORKDIR_CONFIG).read_text()))
+        except (OSError, ValueError):
+            pass
+    return finish(loaded)
+
+
+def _load_converted(path: pathlib.Path) -> LoadedModel:
+    meta = vc.read_converted_meta(path)
+    variables, config = vc.load_converted(path)
+    crop = meta.get("crop") or meta.get("source", {}).get("crop")
+    rule = meta.get("source", {}).get("class_rule")
+    return LoadedModel(VPDDepth(config), variables, config, int(crop) if crop else None, rule, str(path),
+                       "converted")
