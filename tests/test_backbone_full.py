@@ -44,4 +44,5 @@ def test_sd15_unet_forward_matches_pytorch():
     ours = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
     err = float(np.max(np.abs(ours - ref)))
     rel = err / float(np.max(np.abs(ref)))
-    assert err < 1e-4, f"max abs error {err:.2e} (relative {rel:.2e})"
+    # Measured 2.0e-6 absolute, 1.4e-6 relative to the output's largest magnitude (development CPU).
+    assert rel < 4e-6, f"max abs error {err:.2e} (relative {rel:.2e})"

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("auto", "official", "mmseg"), default="auto",
                         help="checkpoint layout (default: detected from the key names)")
     parser.add_argument("--config", help="JSON file with a VPDConfig dict, for a non-SD-1.5 architecture")
+    parser.add_argument("--heads", help="the UNet's attention heads (N, or one per level: N,N,N,N) when its "
+                                        "context is neither SD 1.x's 768 nor SD 2.x's 1024 wide")
     parser.add_argument("--max-depth", type=float, default=None,
                         help="depth range of the sigmoid output in metres (default 10, the NYUv2 models')")
     parser.add_argument("--crop", type=int, default=None,
@@ -58,9 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, TypeError) as e:
             print(f"error: --config {args.config}: {e}", file=sys.stderr)
             return 2
+    heads = None
+    if args.heads:
+        try:
+            heads = tuple(int(h) for h in args.heads.split(","))
+        except ValueError:
+            print(f"error: --heads {args.heads}: expected a count or counts separated by commas", file=sys.stderr)
+            return 2
+        heads = heads[0] if len(heads) == 1 else heads
     t0 = time.time()
     try:
-        conv = vc.convert_file(args.src, config, args.format)
+        conv = vc.convert_file(args.src, config, args.format, heads=heads)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

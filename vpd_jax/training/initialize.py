@@ -2,10 +2,13 @@
 
 Shapes always come from ``jax.eval_shape`` (``abstract_variables``), never from a device allocation.
 
-* ``fill_random``: a seeded numpy fill of those shapes by parameter name (kernels scaled normal with std
-  1/sqrt(fan_in), biases 0, norm scales 1, BatchNorm var 1, ``gamma`` 1e-4, the head's decoder and depth convs
-  N(0, 0.001) as the official init). It takes seconds for any model size, while compiling flax's ``init`` of
-  the SD-structured UNet takes minutes on a CPU (2.5 min for the tiny config on 2 busy cores).
+* ``fill_random``: a seeded numpy fill of those shapes by parameter name, with the distributions of the
+  references: the neck ``trunc_normal_(std=.02)`` and zero biases (official ``_init_weights``), the decoder's
+  convs N(0, 0.001), the depth head N(0, 0.001) (official) or TruncNormal(0.02) (mmseg), norms and BatchNorm
+  scale 1 / bias 0, running statistics (0, 1), the text adapter PyTorch's default ``Linear`` init
+  (U(+-1/sqrt(fan_in)) for weights and biases), ``gamma`` 1e-4; a UNet/VAE without pretrained weights gets
+  diffusers' PyTorch defaults (the same uniform rule for convs and linears, norms 1/0). It takes seconds for
+  any model size, while compiling flax's ``init`` of the SD-structured UNet takes minutes on a CPU.
 * ``flax_init``: ``model.init`` exactly (the modules' own initialisers), jitted.
 * ``with_pretrained``: the ``unet`` and ``vae`` subtrees replaced by real Stable Diffusion weights read by
   ``vpd_jax.weights.diffusers`` (hub id, diffusers folder or CompVis single file); the head, text adapter and
@@ -25,8 +28,17 @@ from vpd_jax.training.optimizer import path_to_str
 INIT_METHODS = ("fast", "flax")
 
 
-def _leaf(path: str, shape: tuple[int, ...], dtype, rng: np.random.Generator, head_std: float) -> np.ndarray:
+def _torch_default(shape, rng: np.random.Generator) -> np.ndarray:
+    """PyTorch's default ``Conv2d``/``Linear`` init, ``kaiming_uniform(a=sqrt(5))``: U(+-1/sqrt(fan_in)); fan_in
+    of a Flax kernel (HWIO or (in, out)) is the product of all axes but the last."""
+    bound = 1.0 / math.sqrt(max(1, math.prod(shape[:-1])))
+    return rng.uniform(-bound, bound, shape)
+
+
+def _leaf(path: str, shape: tuple[int, ...], dtype, rng: np.random.Generator, head_init: str,
+          fan_in: dict[str, int]) -> np.ndarray:
     name = path.rsplit("/", 1)[-1]
+    module = path.rsplit("/", 1)[0]
     collection = path.split("/", 1)[0]
     if collection == "constants":
         return np.zeros(shape, dtype)
@@ -34,26 +46,42 @@ def _leaf(path: str, shape: tuple[int, ...], dtype, rng: np.random.Generator, he
         return (np.ones if name == "var" else np.zeros)(shape, dtype)
     if name == "gamma":
         return np.full(shape, 1e-4, dtype)
-    if name == "scale":
+    if name == "scale":  # GroupNorm, LayerNorm, BatchNorm weights
         return np.ones(shape, dtype)
-    if name == "bias" or len(shape) <= 1:
+    if "/text_adapter/" in f"/{path}":  # created after the official _init_weights: PyTorch's defaults
+        if name == "kernel":
+            return _torch_default(shape, rng).astype(dtype)
+        bound = 1.0 / math.sqrt(fan_in[module])
+        return rng.uniform(-bound, bound, shape).astype(dtype)
+    if "/head/" in f"/{path}":
+        if name == "bias":
+            return np.zeros(shape, dtype)
+        if "/head/depth/" in path and head_init == "mmseg":
+            std = 0.02  # mmseg: the head's TruncNormal(0.02), which its decoder, not this layer, overrides
+        elif "/head/decoder/" in path or "/head/depth/" in path:
+            return (rng.standard_normal(shape) * 0.001).astype(dtype)  # N(0, 0.001)
+        else:
+            std = 0.02  # the neck: trunc_normal_(std=.02) with bounds +-2 (absolute)
+        return np.clip(rng.standard_normal(shape) * std, -2.0, 2.0).astype(dtype)
+    # The Stable Diffusion backbone without pretrained weights: diffusers' PyTorch modules' defaults.
+    if name == "bias":
+        bound = 1.0 / math.sqrt(fan_in[module]) if module in fan_in else 0.0
+        return rng.uniform(-bound, bound, shape).astype(dtype)
+    if len(shape) <= 1:
         return np.zeros(shape, dtype)
-    if "/head/decoder/" in path or "/head/depth/" in path:
-        std = head_std
-    elif "/head/neck/" in path:
-        std = 0.02
-    else:
-        std = 1.0 / math.sqrt(max(1, math.prod(shape[:-1])))
-    x = rng.standard_normal(shape, dtype=np.float32)
-    return (np.clip(x, -2.0, 2.0) * std).astype(dtype)
+    return _torch_default(shape, rng).astype(dtype)
 
 
 def fill_random(abstract: Any, seed: int, head_init: str = "official") -> Any:
     """Host numpy variables with the shapes/dtypes of ``abstract`` (see module docstring)."""
     rng = np.random.default_rng([int(seed), 0x5D])
-    head_std = 0.001 if head_init == "official" else 0.02
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    leaves = [_leaf(path_to_str(p), tuple(x.shape), np.dtype(x.dtype), rng, head_std) for p, x in flat]
+    paths = [path_to_str(p) for p, _ in flat]
+    # A layer's bias bound comes from its kernel's fan-in (PyTorch: 1/sqrt(fan_in) of the same layer).
+    fan_in = {p.rsplit("/", 1)[0]: max(1, math.prod(x.shape[:-1])) for p, (_, x) in zip(paths, flat, strict=True)
+              if p.endswith("/kernel")}
+    leaves = [_leaf(p, tuple(x.shape), np.dtype(x.dtype), rng, head_init, fan_in)
+              for p, (_, x) in zip(paths, flat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

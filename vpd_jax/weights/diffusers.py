@@ -264,8 +264,13 @@ def _is_ldm(tensors: Mapping[str, Any]) -> bool:
     return any(k.startswith((LDM_UNET_PREFIX, LDM_VAE_PREFIX)) for k in tensors)
 
 
-def infer_ldm_unet_config(state: Mapping[str, Any], what: str) -> UNetConfig:
-    """An SD 1.x/2.x UNet config read off CompVis tensors (prefix removed)."""
+def infer_ldm_unet_config(state: Mapping[str, Any], what: str, heads: int | tuple[int, ...] | None = None
+                          ) -> UNetConfig:
+    """An SD 1.x/2.x UNet config read off CompVis tensors (prefix removed).
+
+    Head counts are not in the tensors: a 768-wide context is SD 1.x (8 heads), a 1024-wide one SD 2.x (64-wide
+    heads); any other width needs ``heads`` (a count, or one per level), else one error says so.
+    """
     try:
         model_ch = state["input_blocks.0.0.weight"].shape[0]
         in_ch = state["input_blocks.0.0.weight"].shape[1]
@@ -283,8 +288,22 @@ def infer_ldm_unet_config(state: Mapping[str, Any], what: str) -> UNetConfig:
                   else "DownBlock2D" for b in range(len(chans)))
     ups = tuple("CrossAttnUpBlock2D" if f"output_blocks.{b * (per + 1)}.1.proj_in.weight" in state
                 else "UpBlock2D" for b in range(len(chans)))
-    # SD 1.x: 8 heads everywhere; SD 2.x (context 1024): 64-channel heads.
-    heads = 8 if ctx == 768 else tuple(c // 64 for c in chans)
+    if heads is None:
+        if ctx not in (768, 1024):
+            raise WeightsError(
+                f"{what}: attention head counts cannot be read off the tensors, and a context width of {ctx} is "
+                f"neither SD 1.x's (768: 8 heads) nor SD 2.x's (1024: 64-wide heads); give the head count "
+                f"(heads=N, or --heads N) or the UNet's diffusers config")
+        # SD 1.x: 8 heads everywhere; SD 2.x (context 1024): 64-channel heads.
+        heads = 8 if ctx == 768 else tuple(c // 64 for c in chans)
+    elif isinstance(heads, (tuple, list)):
+        if len(heads) != len(chans):
+            raise WeightsError(f"{what}: {len(heads)} head counts for a UNet of {len(chans)} levels")
+        heads = tuple(int(h) for h in heads)
+    bad = [c for c, h in zip(chans, heads if isinstance(heads, tuple) else [heads] * len(chans), strict=True)
+           if h < 1 or c % h]
+    if bad:
+        raise WeightsError(f"{what}: {heads} attention heads do not divide the level widths {bad}")
     return UNetConfig(in_channels=in_ch, out_channels=out_ch, block_out_channels=tuple(chans),
                       down_block_types=downs, up_block_types=ups, layers_per_block=per, attention_head_dim=heads,
                       cross_attention_dim=ctx, use_linear_projection=linear)
@@ -315,18 +334,20 @@ def _component_state(source: str, component: str, prefix: str, config, config_cl
     return config or config_cls.from_diffusers(_read_config(cfg_path)), tensors, False
 
 
-def load_unet(source: str, *, config: UNetConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-              attention_impl: str | None = None, remat: bool = False, remat_policy: str | None = None,
-              keep_output_head: bool = True):
+def load_unet(source: str, *, config: UNetConfig | None = None, heads: int | tuple[int, ...] | None = None,
+              dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str | None = None, remat: bool = False,
+              remat_policy: str | None = None, keep_output_head: bool = True):
     """``(UNet2DConditionModel, params)`` from a diffusers folder/file, a CompVis file or a hub id.
 
     ``config`` overrides the architecture otherwise read from ``config.json`` or, for CompVis files, off the
-    tensors (head counts cannot be read off tensors: SD 1.x's 8 heads and SD 2.x's 64-wide heads are assumed).
+    tensors. Head counts cannot be read off tensors: SD 1.x's 8 heads (768-wide context) and SD 2.x's 64-wide
+    heads (1024) are known; other CompVis UNets need ``heads`` (a count or one per level) or ``config``.
     ``keep_output_head=False`` drops ``conv_norm_out``/``conv_out`` (VPD's ``features`` path never uses them;
     CompVis files converted by VPD lack them). Params are host numpy arrays of ``param_dtype``.
     """
     cfg, state, is_flax = _component_state(source, "unet", LDM_UNET_PREFIX, config, UNetConfig,
-                                           infer_ldm_unet_config, ldm_unet_to_diffusers)
+                                           lambda sub, what: infer_ldm_unet_config(sub, what, heads),
+                                           ldm_unet_to_diffusers)
     module = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                   remat=remat, remat_policy=remat_policy)
     params = state if is_flax else unet_params_from_torch(state, cfg)

@@ -188,7 +188,7 @@ class Conversion:
     source: str = ""
 
 
-def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None) -> Any:
+def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None, heads: Any = None) -> Any:
     """A ``VPDConfig`` for an official-named state dict: head sizes and the backbone read off the tensors.
 
     With ``base`` given, only checked against the tensors later (its UNet head counts, max_depth, dtypes, ...
@@ -217,14 +217,15 @@ def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None) -> Any:
     except KeyError as e:
         raise WeightsError(f"not a VPD depth checkpoint: {e.args[0]} is missing") from None
     unet = dw.infer_ldm_unet_config(
-        {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, "VPD checkpoint UNet")
+        {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, "VPD checkpoint UNet",
+        heads)
     vae = dw.infer_ldm_vae_config(
         {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}, "VPD checkpoint VAE")
     return VPDConfig(unet=unet, vae=vae, **kw)
 
 
 def convert_state_dict(state: Mapping[str, Any], config: Any = None, fmt: str = "auto",
-                       what: str = "checkpoint") -> Conversion:
+                       what: str = "checkpoint", heads: Any = None) -> Conversion:
     """A VPD state dict (official or mmseg names, numpy tensors) -> our variables and config.
 
     ``config``: the ``VPDConfig`` to convert into (default: inferred from the tensors, SD-1.5 heads). Every
@@ -247,7 +248,7 @@ def convert_state_dict(state: Mapping[str, Any], config: Any = None, fmt: str = 
     elif detected is not None and detected != fmt:
         raise WeightsError(f"{what}: asked to read it as {fmt}, but its keys are those of an {detected} checkpoint")
     named, origin = to_official_names(state, fmt)
-    config = infer_config(named, fmt, config)
+    config = infer_config(named, fmt, config, heads)
 
     used: set[str] = set()
     skipped: dict[str, str] = {}
@@ -362,10 +363,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], str | None
     return unwrap_state_dict(read_tensors(path), str(path))
 
 
-def convert_file(path: str | os.PathLike, config: Any = None, fmt: str = "auto") -> Conversion:
+def convert_file(path: str | os.PathLike, config: Any = None, fmt: str = "auto", heads: Any = None) -> Conversion:
     """Read and convert a released checkpoint (``.pth``/``.ckpt``/``.safetensors``)."""
     state, _ = read_checkpoint(path)
-    return convert_state_dict(state, config, fmt, what=str(path))
+    return convert_state_dict(state, config, fmt, what=str(path), heads=heads)
 
 
 # ----------------------------------------------------------------------------------- saving / loading
