@@ -142,7 +142,10 @@ def test_mmseg_names_are_the_documented_renames(mmseg_state):
 
 def test_architecture_is_inferred_when_no_config_is_given(official_state):
     named, _ = vc.to_official_names(official_state, "official")
-    inferred = vc.infer_config(named, "official")
+    # A 32-wide context is not SD's: the head count must be given (one error otherwise).
+    with pytest.raises(WeightsError, match="head counts cannot be read off the tensors"):
+        vc.infer_config(named, "official")
+    inferred = vc.infer_config(named, "official", heads=2)
     assert inferred.unet.block_out_channels == CONFIG.unet.block_out_channels
     # group counts cannot be read off tensors: SD's 32 is assumed
     assert inferred.vae == dataclasses.replace(CONFIG.vae, norm_num_groups=32)
@@ -273,3 +276,30 @@ def test_cli_records_the_training_crop_for_inference(checkpoint_files, capsys):
     assert load_model(out)[2] == 512  # predict.py / Predictor then slide 512 windows without --crop
     assert convert_tool.main([str(official), "--out", str(root / "never"), "--crop", "7"]) == 2
     assert "--crop 7" in capsys.readouterr().err
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_looks_finished(checkpoint_files, official_conv, monkeypatch,
+                                                                       tmp_path):
+    """The checkpoint is written into a hidden sibling folder and renamed when complete: a conversion killed
+    while writing leaves no ``--out`` folder, and its leftovers are removed by the next attempt."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "converted"
+    (tmp_path / ".converted.partial-999").mkdir()  # what a killed process left behind
+    real_save = ocp.StandardCheckpointer.save
+
+    def killed(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vc.save_converted(official_conv, out)
+    assert not out.exists() and not vc.is_converted_dir(out)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
+    vc.save_converted(official_conv, out)
+    assert vc.is_converted_dir(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(WeightsError, match="not an empty folder"):
+        vc.save_converted(official_conv, tmp_path / "busy")

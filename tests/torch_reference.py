@@ -24,9 +24,10 @@ from torch import nn as tnn
 # ------------------------------------------------------------------------------------------- configs
 
 # SD-1.5's structure (so the same CompVis key names) at toy widths: 4 levels, cross-attention in the first
-# three, 2 layers per block, every level at least 64 wide (no norm group of one channel). VPDConfig.tiny().
+# three, 2 layers per block, widths growing where SD's do and at least 64 (no norm group of one channel).
+# VPDConfig.tiny().
 TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 64, 128, 128), layers_per_block=2,
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 96, 128, 128), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     attention_head_dim=2, cross_attention_dim=32, norm_num_groups=32,

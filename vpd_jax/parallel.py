@@ -88,10 +88,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence | None = None) ->
     try:
         # Topology-aware order (ICI rings on TPU/GPU) and process-contiguous blocks on several hosts.
         grid = mesh_utils.create_device_mesh((data, fsdp), devices)
-    except Exception:  # noqa: BLE001 (any device set create_device_mesh cannot lay out)
+    except Exception as e:  # noqa: BLE001 (any device set create_device_mesh cannot lay out)
+        _say_once(f"device mesh: create_device_mesh could not lay out {n} devices as {data}x{fsdp} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using their plain order")
         grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
     # Auto axes: shardings propagate through the model by GSPMD; jax.make_mesh would default to Explicit.
     return Mesh(grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A fallback is logged once per process (as a warning), never silently taken."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger("vpd_jax").warning(message)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:

@@ -209,7 +209,7 @@ def read_splits(splits_path: str) -> dict[str, list[int]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{splits_path}: no such file (the official splits.mat)") from None
     except Exception as e:  # scipy raises assorted errors on a damaged file
-        raise ValueError(f"{splits_path}: not a readable MATLAB splits file ({e})") from None
+        raise ValueError(f"{splits_path}: not a readable MATLAB splits file ({e})") from e
     return {"train": sorted(int(i) - 1 for i in np.ravel(mat["trainNdxs"])),
             "test": sorted(int(i) - 1 for i in np.ravel(mat["testNdxs"]))}
 

@@ -11,6 +11,7 @@ so diffusers' Flax weight files load unchanged.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -255,6 +256,14 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 
 
 ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn", "cudnn_or_xla")
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A fallback is logged once per process (as a warning) when it is taken (at trace time)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger("vpd_jax").warning(message)
 
 
 def attention(q, k, v, *, scale: float, impl: str | None = None):
@@ -286,7 +295,10 @@ def attention(q, k, v, *, scale: float, impl: str | None = None):
     if impl == "cudnn_or_xla":
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except (NotImplementedError, ValueError, RuntimeError):  # a shape, cuDNN version or host it does not take
+        except (NotImplementedError, ValueError, RuntimeError) as e:  # a shape, cuDNN version or host it refuses
+            _say_once(f"attention: cuDNN's fused kernel does not take q{tuple(q.shape)} {q.dtype} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); XLA's attention "
+                      "runs there instead")
             impl = "xla"
     if impl != "einsum":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)

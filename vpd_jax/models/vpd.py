@@ -136,11 +136,12 @@ class VPDConfig:
     def tiny(cls, **kw) -> VPDConfig:
         """SD-1.5's exact block structure (same CompVis key names) at toy widths, for tests and CPU smoke runs.
 
-        Every UNet level is at least 64 wide, so each of SD's 32 norm groups holds more than one channel and every
-        trained tensor moves the output (a conv bias before a one-channel group would not). The neck is 8x the
-        decoder's width, as SD-1.5's 1536 = 8 x 192 (mmseg's ``VPDDepthHead`` requires it).
+        The UNet's widths grow where SD-1.5's do (so the same keys) and every level is at least 64 wide: each of
+        SD's 32 norm groups holds more than one channel, and every trained tensor moves the output (a conv bias
+        before a one-channel group would not). The neck is 8x the decoder's width, as SD-1.5's 1536 = 8 x 192
+        (mmseg's ``VPDDepthHead`` requires it).
         """
-        unet = UNetConfig(block_out_channels=(64, 64, 128, 128), attention_head_dim=2, cross_attention_dim=32,
+        unet = UNetConfig(block_out_channels=(64, 96, 128, 128), attention_head_dim=2, cross_attention_dim=32,
                           norm_num_groups=32)
         vae = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=16)
         base = dict(text_dim=32, neck_features=128, deconv_filters=(8, 8, 8), decoder_features=16, unet=unet,

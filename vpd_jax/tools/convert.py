@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.max_depth is not None:
         conv.config = conv.config.replace(max_depth=args.max_depth)
-    vc.save_converted(conv, out, crop=args.crop)
+    try:
+        vc.save_converted(conv, out, crop=args.crop)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     n_params = sum(a.size for a in flatten(conv.variables["params"]).values())
     table = conv.variables["constants"]["class_embeddings"]

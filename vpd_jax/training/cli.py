@@ -44,14 +44,32 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (DatasetNotFoundError, CheckpointError, ConfigError, NonFiniteError, WeightsError, FileNotFoundError)
 
 
+DEBUG_ENV = "VPD_DEBUG"
+
+
+def debug() -> bool:
+    """``VPD_DEBUG=1``: user mistakes show their full traceback (and its causes) instead of one line."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report(e: BaseException, code: int) -> None:
+    """One ``error: ...`` line on stderr (the traceback too under ``VPD_DEBUG=1``), then exit with ``code``."""
+    if debug():
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Print ``error: <message>`` and exit 1 for the errors a user can fix; anything else keeps its traceback."""
+    """Print ``error: <message>`` and exit 1 for the errors a user can fix (the traceback with ``VPD_DEBUG=1``);
+    anything else keeps its traceback."""
     try:
         yield
     except user_error_types() as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        report(e, 1)
 
 
 def run(main) -> None:

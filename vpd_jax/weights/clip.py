@@ -249,5 +249,5 @@ def load_clip_tokenizer(folder: str | os.PathLike, *, use_fast: bool = False):
             return cls.from_pretrained(str(base))
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken folder
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(f"{base}: could not load the CLIP tokenizer ({type(e).__name__}: {msg})") from None
+            raise WeightsError(f"{base}: could not load the CLIP tokenizer ({type(e).__name__}: {msg})") from e
     return None

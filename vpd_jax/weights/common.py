@@ -61,7 +61,7 @@ def hub_download(repo_id: str, filenames: Sequence[str], subfolder: str | None =
                 f"{repo_id}: could not fetch {(subfolder + '/') if subfolder else ''}{name} from the Hugging "
                 f"Face hub and it is not in the local cache ({type(e).__name__}: {msg}); pass a local folder "
                 f"or file instead, or run once with network access"
-            ) from None
+            ) from e
     raise WeightsError(f"{repo_id}: none of {list(filenames)} found on the hub ({'; '.join(errors)})")
 
 
@@ -89,7 +89,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
     except Exception as e:  # noqa: BLE001 - numpy backend cannot hold bf16; fall back to torch
         if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
-            raise WeightsError(f"{path}: could not read safetensors file ({e})") from None
+            raise WeightsError(f"{path}: could not read safetensors file ({e})") from e
         from safetensors.torch import load_file as load_torch
 
         return {k: _torch_to_numpy(v) for k, v in load_torch(str(path)).items()}
@@ -113,8 +113,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
             raise WeightsError(
                 f"{path}: refused to unpickle: the file needs arbitrary code to load (torch.load "
                 f"weights_only=True rejected it: {first})"
-            ) from None
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+            ) from e
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from e
     return _tree_to_numpy(obj)
 
 
@@ -126,7 +126,7 @@ def read_msgpack(path: str | os.PathLike) -> dict[str, Any]:
     try:
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: not a valid Flax msgpack file ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{path}: not a valid Flax msgpack file ({type(e).__name__}: {e})") from e
     if not isinstance(tree, Mapping):
         raise WeightsError(f"{path}: expected a dict of parameters, found {type(tree).__name__}")
     return _tree_to_numpy(tree)

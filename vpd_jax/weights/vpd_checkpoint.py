@@ -376,15 +376,25 @@ VARIABLES_DIR = "variables"
 
 
 def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | None = None) -> pathlib.Path:
-    """Write ``out_dir/config.json`` and ``out_dir/variables`` (orbax). Refuses to overwrite a checkpoint.
+    """Write ``out_dir/config.json`` and ``out_dir/variables`` (orbax), atomically: everything goes into a
+    temporary sibling folder that is renamed to ``out_dir`` when complete, so an interrupted conversion never
+    leaves a folder that looks finished (its leftovers are removed by the next attempt). Refuses to overwrite a
+    checkpoint or a non-empty folder.
 
     ``crop``: the square crop the model was trained at (480 or 512), recorded for inference's windows."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
     out = pathlib.Path(out_dir).expanduser().resolve()
     if (out / VARIABLES_DIR).exists():
         raise WeightsError(f"{out}: already holds a converted checkpoint ({VARIABLES_DIR}/); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WeightsError(f"{out}: exists and is not an empty folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # an earlier conversion that was interrupted
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     meta = {
         "config": conv.config.to_dict(),
         "source": {"file": conv.source, "format": conv.format,
@@ -394,10 +404,18 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | Non
     }
     if crop:
         meta["crop"] = int(crop)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out / VARIABLES_DIR, conv.variables)
-    ckptr.wait_until_finished()
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        tmp.mkdir()
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / VARIABLES_DIR, conv.variables)
+        ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -1,0 +1,109 @@
+"""What ``train`` checks before it trains: missing weights, conflicting sources, architectures, and a workdir
+that a failed start leaves exactly as it was. In-process and before any compilation of the step."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vpd_jax import parallel
+from vpd_jax.models.vpd import VPDConfig, VPDDepth
+from vpd_jax.training import checkpoint as C
+from vpd_jax.training import step as S
+from vpd_jax.training import trainer
+from vpd_jax.training.checkpoint import CheckpointError
+from vpd_jax.training.initialize import random_variables
+from vpd_jax.weights import vpd_checkpoint as vc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo, nyu_480  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from vpd_jax.data import prepare
+
+    d = tmp_path_factory.mktemp("data")
+    assert prepare.main(["--source", "synthetic", "--num_train", "8", "--num_test", "2", "--height", "64",
+                         "--width", "64", "--data_dir", str(d)]) == 0
+    return str(d)
+
+
+def _nyu(data_dir, **model):
+    cfg = nyu_480.get_config()
+    cfg.data_dir, cfg.dataset = data_dir, "nyu_vpd/synthetic"
+    cfg.aug.crop_size = (64, 64)
+    cfg.train.global_batch_size, cfg.train.group_size = 2, 2
+    for k, v in model.items():
+        cfg.model[k] = v
+    return cfg
+
+
+def _listing(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"") for p in sorted(root.rglob("*"))}
+
+
+def test_the_nyu_recipe_refuses_to_start_without_sd_weights_or_a_class_table(data_dir, tmp_path):
+    cfg = _nyu(data_dir, size="micro")
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.train(cfg, str(tmp_path / "wd"))
+    msg = str(e.value)
+    assert "--config.pretrained" in msg and "--config.class_embeddings" in msg and "allow_random_init" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "wd").exists()  # nothing written before the checks pass
+    table = tmp_path / "table.npy"
+    np.save(table, np.zeros((27, 32), np.float32))
+    cfg.class_embeddings = str(table)
+    with pytest.raises(trainer.ConfigError, match=r"--config\.pretrained .*not given") as e:
+        trainer.train(cfg, str(tmp_path / "wd"))
+    assert "class_embeddings" not in str(e.value)
+
+
+def test_init_from_conflicts_and_architectures_are_one_error(data_dir, tmp_path):
+    micro = VPDConfig.micro()
+    conv = vc.Conversion(variables=random_variables(VPDDepth(micro), 0), config=micro, format="official",
+                         skipped={}, source="micro")
+    src = vc.save_converted(conv, tmp_path / "micro")
+    cfg = _nyu(data_dir, size="micro")
+    cfg.init_from, cfg.pretrained = str(src), "runwayml/stable-diffusion-v1-5"
+    with pytest.raises(trainer.ConfigError, match="not both"):
+        trainer.train(cfg, str(tmp_path / "wd"))
+    cfg = _nyu(data_dir, size="tiny")
+    cfg.init_from = str(src)
+    with pytest.raises(trainer.ConfigError, match=r"architecture \(micro\).*model\.size=micro"):
+        trainer.train(cfg, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_failed_resume_leaves_the_workdir_as_it_was(data_dir, tmp_path):
+    """A workdir holding a micro model's checkpoint, resumed with a tiny config: one error, not one byte
+    changed (config.json is written only after the restore succeeds)."""
+    cfg = demo.get_config()
+    cfg.data_dir = data_dir
+    model = VPDDepth(trainer.model_config(cfg))
+    tx, _, _ = trainer.build_optimizer(cfg)
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    state, _ = S.create_train_state_from_variables(random_variables(model, 0), tx, mesh, 0)
+    wd = tmp_path / "wd"
+    ck = C.Checkpointer(str(wd), keep=2, async_save=False)
+    ck.save(state, {"class_embeddings": np.zeros((28, 32), np.float32)}, None, {"step": 0}, force=True)
+    ck.close()
+    (wd / "config.json").write_text(cfg.to_json(indent=2))
+    before = _listing(wd)
+    tiny = demo.get_config()
+    tiny.data_dir, tiny.model.size = data_dir, "tiny"
+    with pytest.raises(CheckpointError, match="does not fit"):
+        trainer.train(tiny, str(wd))
+    assert _listing(wd) == before
+
+
+def test_a_workdir_that_is_a_file_is_one_error(data_dir, tmp_path):
+    f = tmp_path / "wd"
+    f.write_text("not a folder")
+    with pytest.raises(trainer.ConfigError, match="not a folder"):
+        trainer.train(_nyu(data_dir, size="micro"), str(f))
