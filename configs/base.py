@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU); einsum|xla|cudnn|cudnn_or_xla
     c.model.init = "fast"  # random init: "fast" (seeded host fill by name) or "flax" (module initialisers)
     c.pretrained = ""  # SD weights for unet+vae: hub id, diffusers folder or CompVis .ckpt/.safetensors
+    c.pretrained_vae = ""  # VAE weights alone (diffusers folder/file, CompVis file), replacing pretrained's VAE
     c.init_from = ""  # start from a whole VPD: official/mmseg .pth, converted folder, or a workdir (DIR, DIR:latest)
     c.class_embeddings = ""  # .npy (27 or 28, text_dim) CLIP scene table (python -m vpd_jax.tools.class_embeddings)
     c.allow_random_init = False  # True: train without SD weights / a class table (experiments only; said loudly)

@@ -22,6 +22,8 @@ PY = sys.executable
 TOTAL = 6
 COMMON = [
     "--config=configs/demo.py",
+    "--config.pretrained_vae=",  # the demo's own autoencoder is made by demo.py; a random VAE here
+    "--config.aug.preset=official_480",  # every augmentation, so that resuming exactly covers them too
     "--config.train.global_batch_size=4",
     "--config.train.group_size=2",
     "--config.aug.crop_size=(64,64)",
@@ -97,6 +99,12 @@ def test_train_runs_logs_and_checkpoints(full_run):
     assert steps == [TOTAL - 2, TOTAL]  # keep=2
     assert any((wd / "best").iterdir())
     assert list((wd / "tb").iterdir())  # TensorBoard events
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, TOTAL + 1))
+    assert all({"loss", "lr", "grad_norm"} <= set(r) for r in train)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [TOTAL] and evals[0]["rmse"] > 0
 
 
 def test_killed_run_resumes_to_identical_params(full_run, data_dir, tmp_path):

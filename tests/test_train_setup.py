@@ -107,3 +107,42 @@ def test_a_workdir_that_is_a_file_is_one_error(data_dir, tmp_path):
     f.write_text("not a folder")
     with pytest.raises(trainer.ConfigError, match="not a folder"):
         trainer.train(_nyu(data_dir, size="micro"), str(f))
+
+
+def test_a_short_run_of_the_demo_recipe_lowers_the_loss(data_dir, tmp_path):
+    """40 updates of the toy model on 64x64 rooms: the last 8 losses average well below the first 8."""
+    from vpd_jax.training.logging import read_metrics
+
+    cfg = demo.get_config()
+    cfg.data_dir, cfg.pretrained_vae = data_dir, ""
+    cfg.aug.crop_size = (64, 64)
+    cfg.train.global_batch_size, cfg.train.group_size, cfg.train.total_steps = 4, 2, 40
+    cfg.optimizer.warmup_steps, cfg.optimizer.decay_steps = 4, 40
+    cfg.eval.every_steps, cfg.checkpoint.every_steps, cfg.log_every_steps = -1, 40, 1
+    cfg.checkpoint.async_save = False
+    trainer.train(cfg, str(tmp_path / "wd"))
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "wd")) if r["kind"] == "train"]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+
+
+def test_the_toy_autoencoder_learns_and_round_trips(data_dir, tmp_path):
+    """The demo's stand-in for SD's pretrained VAE: its reconstruction error falls, and the saved encoder (a
+    diffusers Flax folder) loads back into the VPD's VAE unchanged."""
+    from vpd_jax.data.loader import open_source
+    from vpd_jax.training.autoencoder import train_autoencoder
+    from vpd_jax.weights.common import flatten
+    from vpd_jax.weights.diffusers import load_vae_encoder, save_vae_encoder
+
+    source = open_source(data_dir, "nyu_vpd/synthetic", "train")
+    images = np.stack([np.asarray(source[i]["image"]) for i in range(len(source))])
+    vae = VPDConfig.micro().vae
+    logged = []
+    params, last = train_autoencoder(vae, images, steps=30, batch_size=4, crop=32, log=logged.append)
+    first = float(logged[0].rsplit(" ", 1)[-1])
+    assert last < 0.8 * first, logged
+    out = save_vae_encoder(tmp_path / "vae", vae, params)
+    module, loaded = load_vae_encoder(str(out))
+    assert module.config == vae
+    for k, v in flatten(params).items():
+        np.testing.assert_array_equal(flatten(loaded)[k], v, err_msg=k)

@@ -197,3 +197,44 @@ class VAEEncoder(nn.Module):
 def init_params(module: VAEEncoder, rng: jax.Array, image_shape=(1, 16, 16, 3)):
     """Random parameters for ``module`` (jitted init on a small dummy image)."""
     return jax.jit(module.init)(rng, jnp.zeros(image_shape, module.dtype))["params"]
+
+
+# ------------------------------------------------------------------------------- the decoder half
+
+class _Upsample(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
+        return nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="conv")(x)
+
+
+class VAEDecoder(nn.Module):
+    """``post_quant_conv`` + the decoder of diffusers' ``AutoencoderKL`` (its Flax parameter names): latents
+    (B, h, w, latent_channels) -> images in [-1, 1] (B, 8h, 8w, 3) for SD's x8 layout. VPD never decodes; this
+    half only serves to train a small autoencoder from scratch (the demo's stand-in for SD's pretrained VAE)."""
+
+    config: VAEConfig = VAEConfig()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        chans = tuple(reversed(cfg.block_out_channels))
+        if cfg.use_quant_conv:
+            z = nn.Conv(cfg.latent_channels, (1, 1), padding="VALID", name="post_quant_conv", **kw)(z)
+        x = nn.Conv(chans[0], (3, 3), padding=((1, 1), (1, 1)), name="decoder_conv_in", **kw)(z)
+        x = _MidBlock(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="decoder_mid_block", **kw)(x)
+        for i, c in enumerate(chans):
+            for j in range(cfg.layers_per_block + 1):
+                x = _ResnetBlock(c, cfg.norm_num_groups, name=f"decoder_up_blocks_{i}_resnets_{j}", **kw)(x)
+            if i < len(chans) - 1:
+                x = _Upsample(c, name=f"decoder_up_blocks_{i}_upsamplers_0", **kw)(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, 1e-6, name="decoder_conv_norm_out", **kw)(x))
+        return nn.Conv(cfg.in_channels, (3, 3), padding=((1, 1), (1, 1)), name="decoder_conv_out", **kw)(x)

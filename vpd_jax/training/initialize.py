@@ -114,3 +114,16 @@ def with_pretrained(variables: dict, model, source: str) -> dict:
     check_tree(params["vae"], vae, f"{source} (VAE vs model)")
     params["unet"], params["vae"] = unet, vae
     return {**variables, "params": params}
+
+
+def with_pretrained_vae(variables: dict, model, source: str) -> dict:
+    """``variables`` with ``params/vae`` read from ``source`` alone (checked against the model)."""
+    from vpd_jax.weights.common import check_tree
+    from vpd_jax.weights.diffusers import load_vae_encoder
+
+    cfg = model.config
+    _, vae = load_vae_encoder(source, config=cfg.vae, param_dtype=cfg.params_dtype)
+    params = dict(variables["params"])
+    check_tree(params["vae"], vae, f"{source} (VAE vs model)")
+    params["vae"] = vae
+    return {**variables, "params": params}

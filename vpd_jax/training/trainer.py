@@ -179,8 +179,8 @@ def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]
     """
     from vpd_jax.training import initialize
 
-    if cfg.init_from and cfg.pretrained:
-        raise ConfigError("give --config.init_from or --config.pretrained, not both: init_from brings its own "
+    if cfg.init_from and (cfg.pretrained or cfg.pretrained_vae):
+        raise ConfigError("give --config.init_from or --config.pretrained(_vae), not both: init_from brings its own "
                           "Stable Diffusion weights")
     if cfg.init_from:
         from vpd_jax.weights.loader import load_model
@@ -209,8 +209,12 @@ def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]
         log.info("loading Stable Diffusion weights from %s", cfg.pretrained)
         variables = initialize.with_pretrained(variables, model, cfg.pretrained)
         notes.append(f"UNet and VAE from {cfg.pretrained}")
-    else:
-        notes.append("WARNING: UNet and VAE random (no --config.pretrained; allow_random_init)")
+    if cfg.pretrained_vae:
+        variables = initialize.with_pretrained_vae(variables, model, cfg.pretrained_vae)
+        notes.append(f"VAE from {cfg.pretrained_vae}")
+    if not cfg.pretrained:
+        notes.append(f"WARNING: UNet{'' if cfg.pretrained_vae else ' and VAE'} random (no --config.pretrained; "
+                     "allow_random_init)")
     if not cfg.class_embeddings:
         notes.append("WARNING: class table all zeros, every scene gets the same context (no "
                      "--config.class_embeddings; allow_random_init)")

@@ -22,6 +22,7 @@ tensors are released as they are converted, so peak host memory stays near twice
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Mapping
@@ -394,6 +395,28 @@ def load_vae_encoder(source: str, *, config: VAEConfig | None = None, dtype=jnp.
     params = state if is_flax else vae_params_from_torch(state)
     check_tree(vae_param_shapes(module), params, f"{source} (VAE encoder)")
     return module, _cast(params, param_dtype)
+
+
+def save_vae_encoder(folder: str | os.PathLike, config: VAEConfig, params: Mapping[str, Any]) -> pathlib.Path:
+    """Write an encoder as a diffusers Flax ``AutoencoderKL`` folder (``config.json`` +
+    ``diffusion_flax_model.msgpack``, encoder and ``quant_conv`` only) that ``load_vae_encoder`` reads; atomic."""
+    import shutil
+
+    from flax import serialization
+
+    out = pathlib.Path(folder).expanduser().resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"_class_name": "AutoencoderKL", **config.to_dict(),
+            "up_block_types": ["UpDecoderBlock2D"] * len(config.block_out_channels), "act_fn": "silu"}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tree = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), dict(params))
+    (tmp / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
 
 
 def vae_param_shapes(module: VAEEncoder) -> dict:
