@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from vpd_jax.training.logging import read_metrics
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
 TOTAL = 6
@@ -234,9 +236,16 @@ def test_two_processes_train_like_one(full_run, data_dir, tmp_path):
 
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True)]
-    # Same batches, same groups: only the all-reduce order differs. Adam turns rounding-level gradients into
-    # lr-sized steps where a gradient is ~0 (the bias before BatchNorm: 4.7e-4 after 6 steps at lr 2e-3), so
-    # the bound is on the typical leaf; a different batch or group split moves every leaf by ~lr.
-    assert np.median(diffs) < 2e-6 and np.percentile(diffs, 90) < 2e-5 and max(diffs) < 2e-3, sorted(diffs)[-5:]
+    # Same batches, same groups: only the all-reduce order differs, so the first updates agree to float32
+    # rounding (measured: steps 1-2 bit for bit, step 3 to 2.5e-7), where another batch or group split would
+    # already change the first loss (group-pooled SiLog). From there the demo recipe (a random UNet at the full
+    # learning rate, reference init with the depth layer at N(0, 0.001)) amplifies rounding about 1000x per
+    # update: Adam gives +-lr to elements whose gradient rounding alone decides. After 6 updates the typical
+    # leaf differs by 1e-4 (measured median 9.4e-5 and 1.8e-4, largest 3.5e-3), against the ~lr (2e-3) per
+    # update that a different batch moves every leaf by; the test RMSE agrees to 5e-7.
+    losses = [[r["loss"] for r in read_metrics(str(d)) if r["kind"] == "train"] for d in (full_run[0], wd)]
+    assert len(losses[0]) == len(losses[1]) == TOTAL
+    np.testing.assert_allclose(losses[1][:3], losses[0][:3], rtol=1e-6, atol=0)
+    assert np.median(diffs) < 5e-4 and max(diffs) < 1e-2, sorted(diffs)[-5:]
     evals = [json.loads((d / "eval" / f"step_{TOTAL}.json").read_text()) for d in (full_run[0], wd)]
-    assert abs(evals[0]["metrics"]["rmse"] - evals[1]["metrics"]["rmse"]) < 1e-3
+    assert abs(evals[0]["metrics"]["rmse"] - evals[1]["metrics"]["rmse"]) < 1e-4
