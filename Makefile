@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 tests
 
 clean:

@@ -19,9 +19,24 @@ import shutil
 import sys
 import time
 
+import numpy as np
+from absl import logging as absl_logging
+
+ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # configs/ import their base from the repo root
+
+from configs import demo as demo_config  # noqa: E402
+from vpd_jax import build, cli, evaluate  # noqa: E402
+from vpd_jax.data import catalog, prepare, synthetic  # noqa: E402
+from vpd_jax.data.loader import make_eval_loader, open_source  # noqa: E402
+from vpd_jax.evaluation import baselines  # noqa: E402
+from vpd_jax.evaluation import evaluator as E  # noqa: E402
+from vpd_jax.training import trainer  # noqa: E402
+from vpd_jax.training.autoencoder import train_autoencoder  # noqa: E402
+from vpd_jax.weights.diffusers import save_vae_encoder  # noqa: E402
+
 OUT = "demo_out"
 AUTOENCODER_STEPS = 250
-ROOT = pathlib.Path(__file__).resolve().parent
 
 
 def _read(path: str) -> str | None:
@@ -42,24 +57,9 @@ def fingerprint(cfg) -> str:
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from configs import demo as demo_config
-    from vpd_jax.training import cli
-
     cfg = demo_config.get_config()
     cli.setup_jax(cfg)
-    import numpy as np
-
-    from vpd_jax.data import catalog
-    from vpd_jax.data import prepare
-    from vpd_jax.data import synthetic
-    from vpd_jax.data.loader import make_eval_loader, open_source
-    from vpd_jax.evaluation import baselines
-    from vpd_jax.evaluation import evaluator as E
-    from vpd_jax.training import trainer
 
     t0 = time.perf_counter()
     workdir = os.path.join(OUT, "workdir")
@@ -90,13 +90,10 @@ def main() -> int:
         f.write(key)
 
     if not os.path.isdir(cfg.pretrained_vae):
-        from vpd_jax.training.autoencoder import train_autoencoder
-        from vpd_jax.weights.diffusers import save_vae_encoder
-
         print(f"== training the toy VAE as an autoencoder of the training images -> {cfg.pretrained_vae}", flush=True)
         source = open_source(cfg.data_dir, cfg.dataset, cfg.train_split)
         images = np.stack([np.asarray(source[i]["image"]) for i in range(len(source))])
-        vae_cfg = trainer.model_config(cfg).vae
+        vae_cfg = build.model_config(cfg).vae
         params, l1 = train_autoencoder(vae_cfg, images, steps=AUTOENCODER_STEPS, seed=cfg.seed,
                                        log=lambda m: print(m, flush=True))
         save_vae_encoder(cfg.pretrained_vae, vae_cfg, params)
@@ -108,7 +105,7 @@ def main() -> int:
 
     print("== evaluating the saved checkpoint (eval.py --workdir, latest)", flush=True)
     with cli.user_errors():
-        res = E.evaluate_main(cfg, workdir=workdir, which="latest", output=os.path.join(OUT, "eval.json"))
+        res = evaluate.evaluate_main(cfg, workdir=workdir, which="latest", output=os.path.join(OUT, "eval.json"))
 
     # The baselines, fitted on the training split, evaluated through the same pipeline.
     source = open_source(cfg.data_dir, cfg.dataset, cfg.train_split)

@@ -33,7 +33,9 @@ def main() -> None:
         jax.block_until_ready(f(*a))
         ts = []
         for _ in range(args.repeats):
-            s = time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - s)
         return statistics.median(ts)
 
     def tt(f, *a):
@@ -41,7 +43,9 @@ def main() -> None:
             f(*a)
             ts = []
             for _ in range(args.repeats):
-                s = time.perf_counter(); f(*a); ts.append(time.perf_counter() - s)
+                s = time.perf_counter()
+                f(*a)
+                ts.append(time.perf_counter() - s)
         return statistics.median(ts)
 
     rows = []
@@ -54,7 +58,8 @@ def main() -> None:
         w = (rng.standard_normal((3, 3, cin, cout)) * 0.02).astype(np.float32)
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
-        rows.append((f"conv3x3 {cin}->{cout} @{s}", n, tj(conv, x, w), tt(lambda a, b: F.conv2d(a, b, padding=1), xt, wt)))
+        rows.append((f"conv3x3 {cin}->{cout} @{s}", n, tj(conv, x, w),
+                     tt(lambda a, b: F.conv2d(a, b, padding=1), xt, wt)))
     for t, heads, dh, n in [(4096, 8, 40, 5), (1024, 8, 80, 5), (256, 8, 160, 6)]:
         q = rng.standard_normal((1, t, heads, dh)).astype(np.float32)
         f = jax.jit(lambda a, b, c: attention(a, b, c, scale=dh ** -0.5, impl="einsum"))
@@ -86,7 +91,8 @@ def main() -> None:
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         rows.append((f"GroupNorm+SiLU {c} @{s}", n, tj(f, p, x), tt(lambda a: F.silu(gn(a)), xt)))
 
-    print(f"{'op':40s} {'count':>5s} {'ours s':>9s} {'torch s':>9s} {'ratio':>6s} {'ours x count':>13s} {'torch x count':>14s}")
+    print(f"{'op':40s} {'count':>5s} {'ours s':>9s} {'torch s':>9s} {'ratio':>6s} "
+          f"{'ours x count':>13s} {'torch x count':>14s}")
     tot_j = tot_t = 0.0
     for name, n, j, t in rows:
         tot_j += n * j

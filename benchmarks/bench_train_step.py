@@ -38,6 +38,7 @@ same count, which makes the MFU column comparable across rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -63,36 +64,37 @@ def _batch_np(batch: int, size: int, seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------------------------ JAX
 def _jax_setup(batch: int, dtype: str, remat: bool, attention: str | None, model_size: str):
-    """``(model, mesh, tx, abstract variables, make_step)``; ``make_step(shardings)`` is the jitted train step."""
+    """``(model, mesh, tx, abstract variables, make_step)``; ``make_step(shardings)`` is the jitted train step
+    exactly as ``train.py`` builds it (``vpd_jax.build``) for the official recipe on one device."""
     import jax
 
-    from vpd_jax import parallel
-    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
-    from vpd_jax.training import step as S
-    from vpd_jax.training.losses import silog_loss
-    from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
-    from vpd_jax.training.schedules import official_schedule
+    from vpd_jax import build, parallel
 
-    kw = dict(dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], remat=remat, attention_impl=attention)
-    cfg = VPDConfig.tiny(**kw) if model_size == "tiny" else VPDConfig(**kw)
-    model = VPDDepth(cfg)
+    cfg = recipe_config(batch, {"bf16": "bfloat16", "fp32": "float32"}[dtype], remat, attention, model_size)
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
-    rules = ParamRules()
-    tx = adamw(official_schedule(), weight_decay=0.1, rules=rules)
-    abstract = abstract_variables(model)
+    setup = build.train_setup(cfg, mesh)
+    abstract = setup.abstract_vars
     constants = {"class_embeddings": np.random.default_rng(1).standard_normal(
         abstract["constants"]["class_embeddings"].shape).astype(np.float32)}
 
-    def loss_fn(params, batch_stats, b, rng):
-        pred, upd = model.apply({"params": params, "batch_stats": batch_stats, "constants": constants},
-                                b["image"], b["class_id"], train=True, mutable=["batch_stats"])
-        return silog_loss(pred, b["depth"], "official"), (upd["batch_stats"], {})
-
     def make_step(shardings, state_layout="default"):
-        return S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
-                                 trainable=trainable_mask(abstract["params"], rules), state_layout=state_layout)
+        cfg.train.state_layout = state_layout
+        return build.train_step(cfg, dataclasses.replace(setup, shardings=shardings), mesh, constants)
 
-    return model, mesh, tx, abstract, make_step
+    return setup.model, mesh, setup.tx, abstract, make_step
+
+
+def recipe_config(batch: int, dtype: str, remat: bool, attention: str | None, model_size: str, fsdp: int = 1):
+    """``configs/nyu_480.py`` (the official recipe) with the benchmark's model settings, ``batch`` images per
+    device in one BatchNorm/SiLog group."""
+    from configs import nyu_480
+
+    cfg = nyu_480.get_config()
+    cfg.model.size = "tiny" if model_size == "tiny" else "sd15"
+    cfg.model.dtype, cfg.model.remat, cfg.model.attention_impl = dtype, bool(remat), attention or ""
+    cfg.train.global_batch_size, cfg.train.group_size = batch * fsdp, batch
+    cfg.mesh.data, cfg.mesh.fsdp = 1, fsdp
+    return cfg
 
 
 def _model_flops(batch, size, dtype, model_size) -> float:
@@ -100,7 +102,7 @@ def _model_flops(batch, size, dtype, model_size) -> float:
     backend gives one, else from the compiled step)."""
     import jax
 
-    from vpd_jax.training.trainer import abstract_train_state
+    from vpd_jax.build import abstract_train_state
 
     model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, False, "xla", model_size)
     state_abs, shardings = abstract_train_state(abstract, tx, mesh)
@@ -160,7 +162,6 @@ def run_jax(batch, size, dtype, remat, attention, steps, model_size, profile=Non
 
     from vpd_jax import parallel
     from vpd_jax.training import initialize
-
     from vpd_jax.training import step as S
 
     model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, remat, attention, model_size)
@@ -225,9 +226,7 @@ def _torch_vpd(model_size: str):
     import torch
     import torch.nn as tnn
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_head import TorchHead, TorchTextAdapter
-
+    from reference.torch_vpd import TorchHead, TorchTextAdapter
     from vpd_jax.models.vpd import VPDConfig
 
     cfg = VPDConfig.tiny() if model_size == "tiny" else VPDConfig()

@@ -44,10 +44,10 @@ def main() -> None:
     ap.add_argument("--load-memory", action="store_true", help="also measure load_unet's peak host memory")
     args = ap.parse_args()
 
-    import torch
     import diffusers
     import jax
     import jax.numpy as jnp
+    import torch
 
     from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from vpd_jax.weights.diffusers import unet_params_from_torch
@@ -71,7 +71,8 @@ def main() -> None:
     xt, tt, ct = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(t), torch.from_numpy(ctx)
 
     method = "features" if args.features else None
-    fn = jax.jit(lambda p, *a: module.apply({"params": p}, *a, method=method) if method else module.apply({"params": p}, *a))
+    fn = jax.jit(lambda p, *a: module.apply({"params": p}, *a, method=method) if method
+                 else module.apply({"params": p}, *a))
     t0 = time.perf_counter()
     compiled = fn.lower(params, x, t, ctx).compile()
     compile_s = time.perf_counter() - t0
@@ -88,8 +89,12 @@ def main() -> None:
     out_j, out_t = run_jax(), run_torch()  # warm-up
     jt, tt_ = [], []
     for _ in range(args.repeats):
-        s0 = time.perf_counter(); run_torch(); tt_.append(time.perf_counter() - s0)
-        s0 = time.perf_counter(); run_jax(); jt.append(time.perf_counter() - s0)
+        s0 = time.perf_counter()
+        run_torch()
+        tt_.append(time.perf_counter() - s0)
+        s0 = time.perf_counter()
+        run_jax()
+        jt.append(time.perf_counter() - s0)
     if args.features:
         diff = max(float(np.max(np.abs(np.asarray(a, np.float32) - b_.permute(0, 2, 3, 1).numpy())))
                    for a, b_ in zip(out_j, out_t))
@@ -128,7 +133,8 @@ def _torch_features(pt, x, t, ctx):
     feats = {}
     hooks = []
     for i, blk in enumerate(pt.up_blocks):
-        mod = blk if blk.upsamplers is None else (blk.attentions[1] if getattr(blk, "attentions", None) else blk.resnets[1])
+        mod = blk if blk.upsamplers is None else (blk.attentions[1] if getattr(blk, "attentions", None)
+                                                  else blk.resnets[1])
         hooks.append(mod.register_forward_hook(
             lambda m, a, o, i=i: feats.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
     pt(x, t, ctx)

@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from configs import nyu_480  # noqa: E402
+
 jax.config.update("jax_threefry_partitionable", False)
 
 GiB = 1024**3
@@ -66,35 +68,24 @@ def gpu_devices(target: str, n: int):
 
 def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, target: str = "host",
              hlo_dir: str | None = None, state_layout: str = "default"):
-    from vpd_jax import parallel
-    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
-    from vpd_jax.training import step as S
-    from vpd_jax.training.losses import silog_loss
-    from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
-    from vpd_jax.training.schedules import official_schedule
+    from vpd_jax import build, parallel
     from vpd_jax.tools.hlo_sources import traffic_summary
-    from vpd_jax.training.trainer import abstract_train_state
+    from vpd_jax.training import step as S
 
     if target == "host":
         devices, attention = jax.devices()[:fsdp], None  # None: what a run on this backend would pick
     else:  # what a run on the GPU would pick: cuDNN's fused attention for bf16 where it can, XLA's for fp32
         devices, attention = gpu_devices(target, fsdp), ("cudnn_or_xla" if dtype == "bfloat16" else "xla")
     mesh = parallel.make_mesh(1, fsdp, devices)
-    model = VPDDepth(VPDConfig(dtype=dtype, remat=remat, attention_impl=attention))
-    abstract = abstract_variables(model)
-    rules = ParamRules()
-    tx = adamw(official_schedule(), weight_decay=0.1, rules=rules)
-    abstract_state, shardings = abstract_train_state(abstract, tx, mesh)
-    constants = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["constants"])
-
-    def loss_fn(params, batch_stats, b, rng):
-        pred, upd = model.apply({"params": params, "batch_stats": batch_stats, "constants": constants},
-                                b["image"], b["class_id"], train=True, mutable=["batch_stats"])
-        return silog_loss(pred, b["depth"], "official"), (upd["batch_stats"], {})
-
-    step_fn = S.make_train_step(loss_fn, tx, mesh, shardings, group_size=batch,
-                                trainable=trainable_mask(abstract["params"], rules),
-                                state_layout=state_layout)
+    # The step exactly as train.py builds it (vpd_jax.build) for configs/nyu_480.py with these settings.
+    cfg = nyu_480.get_config()
+    cfg.model.dtype, cfg.model.remat, cfg.model.attention_impl = dtype, bool(remat), attention or ""
+    cfg.train.global_batch_size, cfg.train.group_size, cfg.train.state_layout = batch * fsdp, batch, state_layout
+    cfg.mesh.data, cfg.mesh.fsdp = 1, fsdp
+    setup = build.train_setup(cfg, mesh)
+    abstract_state = setup.abstract_state
+    constants = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), setup.abstract_vars["constants"])
+    step_fn = build.train_step(cfg, setup, mesh, constants)
     g = batch * fsdp
     bs = parallel.batch_sharding(mesh)
     batch_abs = {"image": jax.ShapeDtypeStruct((g, size, size, 3), jnp.uint8, sharding=bs),

@@ -1,4 +1,6 @@
-"""Shared defaults of every recipe: the official VPD NYUv2 480x480 recipe (VPD_SPEC §4-§6).
+"""Shared defaults of every recipe: the official VPD NYUv2 480x480 recipe (wl-zhao/VPD depth/train.sh,
+depth/train.py, depth/models_depth/optimizer.py, depth/utils_depth/criterion.py, depth/test.py,
+depth/utils_depth/metrics.py).
 
 Not run directly; ``nyu_480.py``, ``nyu_480_mmseg.py``, ``nyu_512.py`` and ``demo.py`` import it and override a
 few fields. Override any field on the command line: ``--config.optimizer.max_lr=1e-4``.
@@ -13,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_dir = "data"  # where `python -m vpd_jax.data.prepare` wrote the datasets
     c.dataset = "nyu_vpd/bts"  # prepared dataset name (nyu_vpd/bts, nyu_vpd/mmseg, nyu_vpd/synthetic, ...)
     c.train_split = "train"  # split to train on
-    c.test_split = "test"  # split to evaluate on (both references select on the test set, spec §6.3)
+    c.test_split = "test"  # split to evaluate on (both references select on the test set: wl-zhao/VPD depth/train.py,
+    # mmsegmentation configs/vpd/vpd_sd_4xb8-25k_nyu-480x480.py save_best)
     c.class_rule = "official"  # scene -> class id rule: "official" (first substring) or "mmseg" (prefix)
     c.worker_count = 0  # grain worker processes for decoding/augmentation (0 = in the main process)
 
@@ -23,9 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_init = "official"  # depth-head init: "official" N(0, 0.001) or "mmseg" TruncNormal(0.02)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for speed; the references are fp32)
     c.model.param_dtype = "float32"  # parameter storage dtype
-    c.model.matmul_precision = "default"  # fp32 dots/convs on GPUs: "default" (TF32 allowed, fast) or "highest" (exact fp32)
+    c.model.matmul_precision = "default"  # fp32 dots/convs on GPUs: "default" (TF32 ok, fast) or "highest" (exact fp32)
     c.model.remat = False  # rematerialise UNet blocks in the backward pass (official use_checkpoint=True)
-    c.model.attention_impl = ""  # "" = auto (cuDNN fused for bf16 on GPUs, einsum on CPU); einsum|xla|cudnn|cudnn_or_xla
+    c.model.attention_impl = ""  # "": auto (cuDNN fused for bf16 on GPUs, einsum on CPU); einsum|xla|cudnn|cudnn_or_xla
     c.model.init = "fast"  # random init: "fast" (seeded host fill by name) or "flax" (module initialisers)
     c.pretrained = ""  # SD weights for unet+vae: hub id, diffusers folder or CompVis .ckpt/.safetensors
     c.pretrained_vae = ""  # VAE weights alone (diffusers folder/file, CompVis file), replacing pretrained's VAE
@@ -68,8 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # devices that split the large parameter/optimizer tensors (FSDP)
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 1009  # evaluate on the test split every this many updates (and at the end); 0: end only; -1: never
-    c.eval.tta = "official"  # test-time augmentation: "official" (2 shift windows), "mmseg_slide_flip", "mmseg_512", "none"
+    c.eval.every_steps = 1009  # evaluate the test split every this many updates and at the end; 0: end only; -1: never
+    c.eval.tta = "official"  # test-time aug.: "official" (2 shift windows), "mmseg_slide_flip", "mmseg_512", "none"
     c.eval.flip = True  # average each window with its flipped prediction
     c.eval.batch_size = 8  # test images per forward call (per process)
     c.eval.clamp_pred = True  # official: inf -> 10, nan -> 1e-3 in the prediction before the metrics

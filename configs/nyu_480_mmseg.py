@@ -1,4 +1,5 @@
-"""VPD NYUv2, mmsegmentation's recipe (vpd_sd_4xb8-25k_nyu-480x480; VPD_SPEC §5.3, §8.2).
+"""VPD NYUv2, mmsegmentation's recipe (mmsegmentation configs/vpd/vpd_sd_4xb8-25k_nyu-480x480.py,
+configs/_base_/schedules/schedule_25k.py).
 
 Command:   python train.py --config=configs/nyu_480_mmseg.py --workdir=workdir/nyu_480_mmseg \
              --config.data_dir=data --config.pretrained=runwayml/stable-diffusion-v1-5 \

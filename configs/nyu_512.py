@@ -1,4 +1,5 @@
-"""VPD NYUv2, mmsegmentation's 512 recipe (vpd_sd_4xb8-25k_nyu-512x512; VPD_SPEC §5.2, §6.3).
+"""VPD NYUv2, mmsegmentation's 512 recipe (mmsegmentation configs/vpd/vpd_sd_4xb8-25k_nyu-512x512.py,
+configs/_base_/datasets/nyu_512x512.py).
 
 Random resize (scale (768, 512), ratio 0.8-1.5) and 512x512 crops for training; evaluation resizes 480x640 to
 512x683, slides 512 windows at stride 128 with flips and resizes the prediction back.

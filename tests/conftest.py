@@ -22,7 +22,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # (3e-3 max abs error on the tiny UNet, seen on an H100), so tests ask for true fp32 everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The official NYU lists of the steering repo, when present (never shipped with the project).
+# The official NYU lists (wl-zhao/VPD depth/ train/test lists and class list), read from a reference folder
+# beside the checkout when present; users pass their own list files to the product.
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 
 

@@ -12,7 +12,6 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
 
 from vpd_jax import parallel
 
@@ -24,9 +23,8 @@ def main():
     jax.config.update("jax_compilation_cache_dir", os.environ.get("VPD_JAX_CACHE", str(root / ".jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_threefry_partitionable", False)  # see step_multidevice_check.py
-    from jax.experimental import multihost_utils
-
     import step_multidevice_check as toy
+    from jax.experimental import multihost_utils
 
     assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
     ref = toy.run(parallel.make_mesh(1, 1, jax.local_devices()[:1]))

@@ -49,7 +49,8 @@ def loss_fn(params, batch_stats, batch, rng):
     # The rng perturbs the input so that the per-group rng folding is part of what the tests compare.
     # A cheap function of the key rather than jax.random.normal, whose compile is slow on CPU.
     phase = jnp.sum(jax.random.key_data(rng).astype(jnp.float32) % 9973.0)
-    noise = 1.0 + 0.05 * jnp.sin(phase + jnp.arange(batch["image"].size, dtype=jnp.float32)).reshape(batch["image"].shape)
+    noise = 1.0 + 0.05 * jnp.sin(phase + jnp.arange(batch["image"].size, dtype=jnp.float32)).reshape(
+        batch["image"].shape)
     pred, updates = MODEL.apply(
         {"params": params, "batch_stats": batch_stats}, batch["image"] * noise, train=True, mutable=["batch_stats"]
     )
@@ -87,7 +88,8 @@ def run(mesh, *, num_microbatches=1, group_size=2, steps=2, batch_size=16, bn_re
 
 
 def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def main():
@@ -114,7 +116,8 @@ def main():
         if name == "1x8":  # the FSDP rule must really have sharded something
             specs = [s.spec for s in jax.tree.leaves(shardings.params)]
             ok &= any(parallel.FSDP in tuple(sp) for sp in specs)
-            ok &= any(len(s.device_set) == 8 and not s.is_fully_replicated for s in jax.tree.leaves(shardings.opt_state))
+            ok &= any(len(s.device_set) == 8 and not s.is_fully_replicated
+                      for s in jax.tree.leaves(shardings.opt_state))
         d = max(
             max_abs_diff(params, ref[0]),
             max_abs_diff(bstats, ref[1]),

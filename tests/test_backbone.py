@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 diffusers.utils.logging.set_verbosity_error()
 
-import torch_reference as R  # noqa: E402
-
+from reference import torch_vpd as R  # noqa: E402
 from vpd_jax.models.unet import UNetConfig  # noqa: E402
 from vpd_jax.weights import diffusers as dw  # noqa: E402
 from vpd_jax.weights.common import WeightsError, flatten  # noqa: E402

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from vpd_jax.weights.diffusers import unet_params_from_torch, unet_param_shapes  # noqa: E402
 from vpd_jax.weights.common import check_tree  # noqa: E402
+from vpd_jax.weights.diffusers import unet_param_shapes, unet_params_from_torch  # noqa: E402
 
 
 @pytest.mark.slow

@@ -6,11 +6,9 @@ here (vocab.json + merges.txt), since no CLIP weights can be downloaded in CI.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
-import pathlib
 
 # transformers otherwise imports TensorFlow (installed for the data pipeline) at first use: ~5 s for nothing.
 os.environ.setdefault("USE_TF", "0")
@@ -23,12 +21,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from reference.torch_clip import tiny_config, torch_text_model, write_tokenizer  # noqa: E402
 from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, pooled_token_index  # noqa: E402
 from vpd_jax.scenes import NYU_CLASSES  # noqa: E402
 from vpd_jax.text import (  # noqa: E402
     IMAGENET_TEMPLATES,
     TextEncoder,
-    class_embedding_table,
     scene_embedding,
     with_mean_row,
 )
@@ -42,72 +40,12 @@ PROMPTS = ["a photo of a garage", "a bad photo of a living room.", "kitchen",
            "itap of my home office, a very long prompt that is certainly cut at twenty tokens by truncation"]
 
 
-# ------------------------------------------------------------------------------------ tiny tokenizer
-
-def _write_tokenizer(folder: pathlib.Path, num_merges: int = 160) -> int:
-    """A real CLIP BPE vocabulary trained on the templates and class names; returns its size."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    byte_chars = list(bytes_to_unicode().values())
-    text = " ".join(t.format(n.replace("_", " ")) for t in IMAGENET_TEMPLATES for n in NYU_CLASSES[:6])
-    words = collections.Counter(text.replace(".", " . ").replace(",", " , ").split())
-    # CLIP's BPE marks the last symbol of a word with </w>.
-    corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in words.items()}
-    merges = []
-    for _ in range(num_merges):
-        pairs = collections.Counter()
-        for word, c in corpus.items():
-            for a, b in zip(word, word[1:]):
-                pairs[a, b] += c
-        if not pairs:
-            break
-        (a, b), _ = pairs.most_common(1)[0]
-        merges.append((a, b))
-        new = {}
-        for word, c in corpus.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            new[tuple(out)] = c
-        corpus = new
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + [a + b for a, b in merges]
-    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    # The first line of merges.txt is a version header that CLIPTokenizer skips.
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return len(tokens)
-
-
-def _tiny_config(vocab_size: int, **kw) -> dict:
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-               bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1)
-    cfg.update(kw)
-    return cfg
-
-
-def _torch_text_model(cfg: dict, seed: int):
-    torch.manual_seed(seed)
-    model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
-    with torch.no_grad():  # random LayerNorm affine too, so a scale/bias mix-up cannot pass
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Folders of one tiny random CLIPTextModel in safetensors, .bin and Flax msgpack, with a tokenizer."""
     root = tmp_path_factory.mktemp("clip")
-    vocab = _write_tokenizer(root / "tok")
-    model = _torch_text_model(_tiny_config(vocab), seed=0)
+    vocab = write_tokenizer(root / "tok")
+    model = torch_text_model(tiny_config(vocab), seed=0)
     dirs = {}
     for name, safe in (("safetensors", True), ("bin", False)):
         d = root / name
@@ -199,7 +137,7 @@ def test_bin_and_msgpack_give_same_params(tiny, loaded, tmp_path_factory):
 def test_variants_match_pytorch(tiny, tmp_path_factory, jit_apply, variant):
     """Exact GELU, and the legacy ``eos_token_id == 2`` pooling (argmax of the ids)."""
     kw = {"gelu": dict(hidden_act="gelu"), "legacy_eos": dict(eos_token_id=2)}[variant]
-    model = _torch_text_model(_tiny_config(tiny["vocab"], **kw), seed=1)
+    model = torch_text_model(tiny_config(tiny["vocab"], **kw), seed=1)
     d = tmp_path_factory.mktemp(f"clip_{variant}")
     model.save_pretrained(d)
     module, params, _ = load_clip_text(d)
@@ -235,7 +173,7 @@ def test_pooling_rules():
 
 def test_full_clip_model_folder(tmp_path_factory, tiny, jit_apply):
     """A CLIPModel folder: ``text_model.`` keys are read, vision tower / projections / logit scale skipped."""
-    text_cfg = _tiny_config(tiny["vocab"])
+    text_cfg = tiny_config(tiny["vocab"])
     vision_cfg = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                       image_size=8, patch_size=4)
     torch.manual_seed(2)

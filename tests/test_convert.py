@@ -1,6 +1,6 @@
 """Converting official and mmseg VPD checkpoints: every key accounted for, files, the CLI and the loader.
 
-The tiny checkpoints come from ``torch_reference.TorchVPD``, whose UNet and VAE have SD-1.5's block structure, so
+The tiny checkpoints come from ``reference.torch_vpd.TorchVPD``, whose UNet and VAE have SD-1.5's block structure, so
 their key *names* are exactly those of the released SD-1.5 checkpoints (checked against an SD-1.5-sized
 model built on PyTorch's meta device, which allocates nothing).
 """
@@ -16,13 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from torch_reference import TINY_HEAD, TINY_UNET, TINY_VAE, TorchHead, TorchTextAdapter, TorchVPD, vpd_config  # noqa: E402
-
+from reference.torch_vpd import TINY_HEAD, TINY_UNET, TINY_VAE, TorchHead, TorchTextAdapter, TorchVPD, vpd_config  # noqa: E402
 from vpd_jax.models.vpd import VPDConfig  # noqa: E402
 from vpd_jax.tools import convert as convert_tool  # noqa: E402
 from vpd_jax.weights import diffusers as dw  # noqa: E402
 from vpd_jax.weights import vpd_checkpoint as vc  # noqa: E402
 from vpd_jax.weights.common import WeightsError, flatten  # noqa: E402
+from vpd_jax.weights.loader import load_model  # noqa: E402
 
 CONFIG = vpd_config(TINY_UNET, TINY_VAE, TINY_HEAD)
 BN_STEPS = "BatchNorm step counter (only used when momentum is None)"
@@ -49,8 +49,8 @@ def official_conv(official_state):
 
 
 def sd15_official_shapes() -> dict[str, tuple[int, ...]]:
-    """Key names and shapes of a released official checkpoint (spec §7.1), from SD-1.5-sized modules on
-    PyTorch's 'meta' device."""
+    """Key names and shapes of a released official checkpoint (the ``VPDDepth`` of wl-zhao/VPD
+    depth/models_depth/model.py), from SD-1.5-sized modules on PyTorch's 'meta' device."""
     sd15_unet = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
                      cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -81,7 +81,7 @@ def sd15_official_shapes() -> dict[str, tuple[int, ...]]:
 
 def test_tiny_official_checkpoint_has_every_released_key(official_state):
     assert set(official_state) == set(sd15_official_shapes())
-    for key in [  # spot checks of spec §7.1
+    for key in [  # spot checks of the keys of wl-zhao/VPD depth/models_depth/model.py
         "encoder.layer1.0.weight", "encoder.layer1.1.bias", "encoder.layer1.3.weight", "encoder.layer2.0.bias",
         "encoder.out_layer.0.weight", "encoder.out_layer.1.weight", "encoder.text_adapter.fc.2.bias",
         "decoder.deconv_layers.6.weight", "decoder.deconv_layers.7.num_batches_tracked",
@@ -155,7 +155,7 @@ def test_architecture_is_inferred_when_no_config_is_given(official_state):
 
 def test_sd15_sized_checkpoint_infers_the_default_config():
     shapes = sd15_official_shapes()
-    assert shapes["decoder.deconv_layers.0.weight"] == (1536, 32, 2, 2)  # spec §7.1
+    assert shapes["decoder.deconv_layers.0.weight"] == (1536, 32, 2, 2)  # wl-zhao/VPD depth/models_depth/model.py
     assert shapes["encoder.out_layer.0.weight"] == (1536, 3520, 1, 1)
     state = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
     assert vc.infer_config(state, "official") == VPDConfig()
@@ -240,10 +240,10 @@ def test_cli_writes_a_loadable_checkpoint(checkpoint_files, official_conv, capsy
     assert "official layout" in printed and "skipped 4 tensor(s)" in printed
     meta = json.loads((out / "config.json").read_text())
     assert meta["source"]["format"] == meta["source"]["class_rule"] == "official"
-    model, variables, table, config = vc.load_vpd_checkpoint(out)
-    assert config == CONFIG and model.config == CONFIG
-    _assert_same(variables, official_conv.variables)
-    assert table.shape == (28, CONFIG.text_dim)
+    loaded = load_model(out)
+    assert loaded.config == CONFIG and loaded.model.config == CONFIG and loaded.kind == "converted"
+    _assert_same(loaded.variables, official_conv.variables)
+    assert loaded.class_embeddings.shape == (28, CONFIG.text_dim)
     # an existing checkpoint is never overwritten
     assert convert_tool.main([str(official), "--out", str(out), "--config", str(cfg)]) == 2
 
@@ -251,9 +251,9 @@ def test_cli_writes_a_loadable_checkpoint(checkpoint_files, official_conv, capsy
 def test_loader_converts_pytorch_files_on_the_fly(checkpoint_files, official_conv):
     _, official, mmseg, _ = checkpoint_files
     for path, cfg in ((official, CONFIG), (mmseg, CONFIG.replace(head_init="mmseg"))):
-        model, variables, table, config = vc.load_vpd_checkpoint(path, cfg, model_overrides={"remat": True})
-        assert config == cfg.replace(remat=True)
-        _assert_same(variables, official_conv.variables)
+        loaded = load_model(path, config=cfg, overrides={"remat": True})
+        assert loaded.config == cfg.replace(remat=True) and loaded.kind == "pytorch"
+        _assert_same(loaded.variables, official_conv.variables)
 
 
 def test_cli_reports_a_foreign_checkpoint(checkpoint_files, capsys):
@@ -267,13 +267,11 @@ def test_cli_reports_a_foreign_checkpoint(checkpoint_files, capsys):
 
 
 def test_cli_records_the_training_crop_for_inference(checkpoint_files, capsys):
-    from vpd_jax.inference import load_model
-
     root, official, _, cfg = checkpoint_files
     out = root / "converted_512"
     assert convert_tool.main([str(official), "--out", str(out), "--config", str(cfg), "--crop", "512"]) == 0
     assert json.loads((out / "config.json").read_text())["crop"] == 512
-    assert load_model(out)[2] == 512  # predict.py / Predictor then slide 512 windows without --crop
+    assert load_model(out).crop == 512  # predict.py / Predictor then slide 512 windows without --crop
     assert convert_tool.main([str(official), "--out", str(root / "never"), "--crop", "7"]) == 2
     assert "--crop 7" in capsys.readouterr().err
 

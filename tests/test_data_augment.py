@@ -200,7 +200,8 @@ def test_flip_and_crop_move_image_and_depth_together():
 
 
 def test_random_resize_shapes_and_interpolation():
-    # mmcv RandomResize((768,512), keep_ratio) on 480x640: the short side goes to int(512 r), the long side rounds half up.
+    # mmcv RandomResize((768,512), keep_ratio) on 480x640: the short side goes to int(512 r),
+    # the long side rounds half up.
     assert ag.random_resize_shape(480, 640, 1.0, (768, 512)) == (512, 683)
     assert ag.random_resize_shape(480, 640, 0.8, (768, 512)) == (409, 545)  # int(768*.8), int(512*.8) first
     assert ag.random_resize_shape(480, 640, 1.5, (768, 512)) == (768, 1024)

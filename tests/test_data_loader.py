@@ -184,7 +184,7 @@ def test_missing_dataset_or_split_is_one_clear_line(data_dir, tmp_path):
         loader.make_train_loader(str(tmp_path), dataset="nyu_vpd/bts", global_batch_size=2, seed=0)
     msg = str(e.value)
     assert "\n" not in msg and "no prepared dataset 'nyu_vpd/bts'" in msg
-    assert f"python -m vpd_jax.data.prepare --source bts" in msg and str(tmp_path) in msg
+    assert "python -m vpd_jax.data.prepare --source bts" in msg and str(tmp_path) in msg
     with pytest.raises(catalog.DatasetNotFoundError, match="prepared there: nyu_vpd/synthetic"):
         loader.make_eval_loader(data_dir, dataset="nyu_vpd/mat", batch_size=1)
     with pytest.raises(catalog.DatasetNotFoundError, match="has no split 'validation'"):
@@ -201,7 +201,8 @@ def test_reading_imports_no_tensorflow_and_the_package_imports_nothing_heavy(dat
     code = (
         "import sys\n"
         "import vpd_jax, vpd_jax.data, vpd_jax.data.loader, vpd_jax.data.augment\n"
-        "heavy = [m for m in ('tensorflow', 'tensorflow_datasets', 'grain', 'cv2', 'h5py', 'jax') if m in sys.modules]\n"
+        "heavy = [m for m in ('tensorflow', 'tensorflow_datasets', 'grain', 'cv2', 'h5py', 'jax') "
+        "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "from vpd_jax.data import loader\n"
         f"b = next(loader.make_train_loader({data_dir!r}, dataset={DS!r}, global_batch_size=2, seed=0))\n"

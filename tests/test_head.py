@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn as tnn
-from torch_reference import TorchHead, TorchTextAdapter, maxdiff, nchw, nhwc, rand, randomize_, state_numpy
 
+from reference.torch_vpd import TorchHead, TorchTextAdapter, maxdiff, nchw, nhwc, rand, randomize_, state_numpy
 from vpd_jax.models import head as H
 from vpd_jax.weights.common import flatten, unflatten
 from vpd_jax.weights.vpd_checkpoint import convert_layer, head_layout
@@ -211,7 +211,7 @@ def _official_initialised_head():
 def _mmseg_initialised_head():
     """mmsegmentation's own ``VPDDepthHead`` after ``init_weights()`` (its init_cfg) under official names, and its
     ``TextAdapter`` (PyTorch's defaults)."""
-    import torch_training as T
+    from reference import torch_training as T
 
     T.import_mmseg()
     from mmseg.models.backbones.vpd import TextAdapter
@@ -274,7 +274,8 @@ def _reference_by_our_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarra
 def test_initialisation_follows_the_references(method, head_init):
     """Every fresh tensor against the reference module's own initialiser, tensor by tensor: the mean within
     5 standard errors, the standard deviation within 5% (2% for tensors of 10,000 values or more), the largest
-    magnitude at the reference's bound (uniform, to within 6/n) or at 2.5-7 standard deviations (normal), constants equal.
+    magnitude at the reference's bound (uniform, to within 6/n) or at 2.5-7 standard deviations (normal),
+    constants equal.
     Also: gamma starts at 1e-4 in both references."""
     pytest.importorskip("mmengine")
     ref = _reference_by_our_names(_official_initialised_head() if head_init == "official"

@@ -49,7 +49,8 @@ def test_reads_inline_source_metadata_and_fused_computation_roots():
 %fused_computation.7 (p: f32[4]) -> f32[4] {
   %p = f32[4]{0} parameter(0)
   %a = f32[4]{0} add(%p, %p), metadata={op_name="jit(f)/add" source_file="/x/model.py" source_line=3}
-  ROOT %t = f32[4]{0} transpose(%a), dimensions={0}, metadata={op_name="jit(f)/blk/transpose" source_file="/x/model.py" source_line=9}
+  ROOT %t = f32[4]{0} transpose(%a), dimensions={0}, \
+metadata={op_name="jit(f)/blk/transpose" source_file="/x/model.py" source_line=9}
 }
 
 ENTRY %main.2 (x: f32[4]) -> f32[4] {
@@ -69,13 +70,16 @@ def test_entry_output_bytes_and_the_summary(tmp_path, capsys):
 
 %fused_computation.7 (p: f32[4,8]) -> f32[8,4] {
   %p = f32[4,8]{1,0} parameter(0)
-  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}, metadata={op_name="jit(f)/blocks_3/transpose" source_file="/x/model.py" source_line=9}
+  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}, \
+metadata={op_name="jit(f)/blocks_3/transpose" source_file="/x/model.py" source_line=9}
 }
 
 %fused_computation.8 (p: f32[4,8]) -> (bf16[8,4], f32[4,8]) {
   %p = f32[4,8]{1,0} parameter(0)
-  %c = bf16[4,8]{1,0} convert(%p), metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
-  %t = bf16[8,4]{1,0} transpose(%c), dimensions={1,0}, metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
+  %c = bf16[4,8]{1,0} convert(%p), \
+metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
+  %t = bf16[8,4]{1,0} transpose(%c), dimensions={1,0}, \
+metadata={op_name="jit(f)/blocks_4/transpose" source_file="/x/model.py" source_line=9}
   ROOT %r = (bf16[8,4]{1,0}, f32[4,8]{1,0}) tuple(%t, %p)
 }
 
@@ -112,7 +116,8 @@ ENTRY %main.2 (x: f32[2,8], w: bf16[8,4]) -> (f32[2,4], bf16[8,2]) {
   %w = bf16[8,4]{1,0} parameter(1)
   %wrapped_convert.3 = bf16[2,8]{1,0} fusion(%x), kind=kLoop, calls=%wrapped_convert_computation.3
   %b = bf16[8,2]{0,1} bitcast(%wrapped_convert.3)
-  %custom-call.4 = (f32[2,4]{1,0}, s8[16]{0}) custom-call(%wrapped_convert.3, %w), custom_call_target="__cublas$lt$matmul", backend_config={"x":"(y)"}
+  %custom-call.4 = (f32[2,4]{1,0}, s8[16]{0}) custom-call(%wrapped_convert.3, %w), \
+custom_call_target="__cublas$lt$matmul", backend_config={"x":"(y)"}
   %get-tuple-element.5 = f32[2,4]{1,0} get-tuple-element(%custom-call.4), index=0
   %input_transpose_fusion.6 = bf16[8,2]{1,0} fusion(%wrapped_convert.3), kind=kInput, calls=%fused_computation.1
   %copy.7 = bf16[8,2]{1,0} copy(%b)
@@ -142,11 +147,15 @@ ENTRY %main.9 (x: bf16[1,4,4,2], w: bf16[3,3,2,5], mu: f32[5]) -> bf16[1,4,4,5] 
   %x = bf16[1,4,4,2]{3,2,1,0} parameter(0)
   %w = bf16[3,3,2,5]{3,2,1,0} parameter(1)
   %opt_state_mu.1 = f32[5]{0} parameter(2)
-  %conv.1 = (bf16[1,4,4,5]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %conv.1 = (bf16[1,4,4,5]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), \
+window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
   %gte.2 = bf16[1,4,4,5]{3,2,1,0} get-tuple-element(%conv.1), index=0
-  %conv.3 = (bf16[1,4,4,2]{3,2,1,0}, u8[0]{0}) custom-call(%gte.2, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardInput"
-  %loop_add_fusion.4 = bf16[1,4,4,5]{3,2,1,0} fusion(%gte.2), kind=kLoop, calls=%f4, metadata={op_name="jit(step)/jvp(Model)/unet.features/blk/add"}
-  %loop_mul_fusion.5 = bf16[1,4,4,5]{3,2,1,0} fusion(%loop_add_fusion.4), kind=kLoop, calls=%f5, metadata={op_name="jit(step)/transpose(jvp(Model))/head/conv/mul"}
+  %conv.3 = (bf16[1,4,4,2]{3,2,1,0}, u8[0]{0}) custom-call(%gte.2, %w), \
+window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardInput"
+  %loop_add_fusion.4 = bf16[1,4,4,5]{3,2,1,0} fusion(%gte.2), kind=kLoop, calls=%f4, \
+metadata={op_name="jit(step)/jvp(Model)/unet.features/blk/add"}
+  %loop_mul_fusion.5 = bf16[1,4,4,5]{3,2,1,0} fusion(%loop_add_fusion.4), kind=kLoop, calls=%f5, \
+metadata={op_name="jit(step)/transpose(jvp(Model))/head/conv/mul"}
   %loop_adam_fusion.6 = f32[5]{0} fusion(%opt_state_mu.1), kind=kLoop, calls=%f6, metadata={op_name="jit(step)/mul"}
   ROOT %copy.7 = bf16[1,4,4,5]{3,2,1,0} copy(%loop_mul_fusion.5)
 }

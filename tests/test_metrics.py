@@ -1,4 +1,5 @@
-"""depth_metrics against the formulas of spec §6.2 written out directly, on hand-made 480x640 cases."""
+"""depth_metrics against the formulas of wl-zhao/VPD depth/utils_depth/metrics.py written out directly, on
+hand-made 480x640 cases."""
 
 import math
 

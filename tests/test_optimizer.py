@@ -18,7 +18,8 @@ def _params(seed=0):
         "text_adapter": {"fc1": {"kernel": (16, 16), "bias": (16,)}},
         "gamma": (16,),
     }
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _flat_labels(params, rules):
@@ -96,7 +97,8 @@ def test_steps_match_torch_adamw(no_decay):
     for step in range(4):
         gflat = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat.items()}
         grads = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(params), [jnp.asarray(gflat[O.path_to_str(p)]) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            jax.tree_util.tree_structure(params),
+            [jnp.asarray(gflat[O.path_to_str(p)]) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         )
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)

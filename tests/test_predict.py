@@ -152,7 +152,7 @@ def test_slide_windows_are_the_evaluators(hw):
                                 stride=(160, 160))[0]
     assert got.shape == hw and got.dtype == np.float32
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-6)
-    if hw == (480, 640):  # and the official shift-window test (VPD_SPEC §6.1)
+    if hw == (480, 640):  # and the official shift-window test (wl-zhao/VPD depth/test.py)
         official = tta.official_tta(stand_in_fn, img[None].astype(np.float32), np.zeros(1))[0]
         np.testing.assert_allclose(got, np.asarray(official), rtol=1e-6, atol=1e-6)
 
@@ -216,13 +216,13 @@ def test_scene_class_selects_its_row(ckpt_dir, predictor):
 
 def test_prompt_is_embedded_by_clip(ckpt_dir, tmp_path):
     pytest.importorskip("transformers")
-    from test_clip import _tiny_config, _torch_text_model, _write_tokenizer
-
+    pytest.importorskip("torch")
+    from reference.torch_clip import tiny_config, torch_text_model, write_tokenizer
     from vpd_jax.text import TextEncoder
 
     clip = tmp_path / "clip"
-    vocab = _write_tokenizer(clip)
-    _torch_text_model(_tiny_config(vocab), seed=3).save_pretrained(clip)  # hidden size 32 = the model's text_dim
+    vocab = write_tokenizer(clip)
+    torch_text_model(tiny_config(vocab), seed=3).save_pretrained(clip)  # hidden size 32 = the model's text_dim
     p = Predictor.from_checkpoint(ckpt_dir, crop=CROP, prompt="a photo of a garage", clip=clip)
     want = TextEncoder.from_pretrained(clip).embed(["a photo of a garage"])[0]
     np.testing.assert_allclose(p.embedding, want, rtol=1e-6)
@@ -365,19 +365,19 @@ def test_import_stays_light_and_exports_predictor():
 def test_workdir_uses_its_best_or_latest_converted_checkpoint(ckpt_dir, tmp_path):
     import shutil
 
-    from vpd_jax.inference import find_in_workdir, load_model
     from vpd_jax.weights.common import WeightsError
+    from vpd_jax.weights.loader import find_converted, load_model
 
     wd = tmp_path / "workdir"
     for step in ("100", "300"):
         shutil.copytree(ckpt_dir, wd / step)
     (wd / "20").mkdir()  # a step folder that is not a converted checkpoint
-    assert find_in_workdir(wd) == wd / "300"
+    assert find_converted(wd) == wd / "300"
     shutil.copytree(ckpt_dir, wd / "best")
-    assert find_in_workdir(wd) == wd / "best"
+    assert find_converted(wd) == wd / "best"
     (wd / "config.json").write_text(json.dumps({"aug": {"crop_size": [96, 96]}}))
-    model, variables, crop = load_model(wd)
-    assert crop == 96 and model.config == micro_config()
+    loaded = load_model(wd)
+    assert loaded.crop == 96 and loaded.model.config == micro_config()
     with pytest.raises(WeightsError, match="neither"):
         load_model(tmp_path / "workdir" / "20")
 

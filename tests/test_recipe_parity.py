@@ -1,9 +1,10 @@
 """Our training is the references' training: both recipes, update for update, against PyTorch trainers.
 
-Both sides start from the same tiny SD-structured checkpoint (``torch_reference.TorchVPD``: diffusers' UNet and VAE
+Both sides start from the same tiny SD-structured checkpoint (``reference.torch_vpd.TorchVPD``: diffusers' UNet and VAE
 with SD-1.5's block structure, every UNet level 64 wide or more, and the official head), see the same batches (a
 BTS-layout tree prepared with ``python -m vpd_jax.data.prepare``, no augmentation, one group of 4) and run 5
-updates through warm-up and decay. The reference trainers (``torch_training``) are built from the official code
+updates through warm-up and decay.
+The reference trainers (``reference.torch_training``) are built from the official code
 and from mmsegmentation's own modules; they run in float64, so that what is compared is our float32 training
 against the exact result of the recipe. The official run goes through ``train.py`` as a user would start it.
 
@@ -24,13 +25,12 @@ What is compared, and why these bounds (tiny model, 2-core CPU, measured):
   running mean of the BatchNorm after it (training-mode BatchNorm subtracts the bias). Ours keeps the VAE
   exactly as it started, and the LayerNorm ``norm2`` too where no weight decay applies to it (official rule).
 
-Each seeded mistake of the official recipe (``torch_training.MISTAKES``: the mmseg decay rule, no x0.01 for
+Each seeded mistake of the official recipe (``reference.torch_training.MISTAKES``: the mmseg decay rule, no x0.01 for
 the UNet, a frozen text adapter, the learning rate one step late) breaks at least one of the bounds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -42,9 +42,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-import torch_reference as R  # noqa: E402
-import torch_training as T  # noqa: E402
-
+from reference import torch_training as T  # noqa: E402
+from reference import torch_vpd as R  # noqa: E402
+from vpd_jax import build  # noqa: E402
 from vpd_jax.training import trainer  # noqa: E402
 from vpd_jax.training.logging import read_metrics  # noqa: E402
 from vpd_jax.weights.common import flatten  # noqa: E402
@@ -60,7 +60,8 @@ LOSS_BOUND = 1.5e-6
 MMSEG_LOSS_BOUND = 4e-6
 ELEMENT_BOUND = 1e-5  # of the tensor's largest magnitude
 OUTLIER_FRACTION = 6e-6
-DEAD = ("attn2/to_q/", "attn2/to_k/", "transformer_blocks_0/norm2/", "head/decoder/conv/bias", "head/decoder/conv_bn/mean")
+DEAD = ("attn2/to_q/", "attn2/to_k/", "transformer_blocks_0/norm2/", "head/decoder/conv/bias",
+        "head/decoder/conv_bn/mean")
 # The run's overrides: the recipe itself, on 96x96 images, 5 updates (official: warm-up 1, decay 3, floor 1).
 COMMON = [f"--config.aug.crop_size=({SIZE},{SIZE})", "--config.aug.preset=none", "--config.model.size=tiny",
           f"--config.train.global_batch_size={BATCH}", f"--config.train.group_size={BATCH}",
@@ -108,7 +109,7 @@ def _config(module, data_dir, overrides):
 
 
 def _batches(cfg):
-    loader = trainer.train_loader(cfg, 0, 1)
+    loader = build.train_loader(cfg, 0, 1)
     return [next(loader) for _ in range(STEPS)]
 
 
@@ -190,7 +191,7 @@ def test_official_recipe_matches_the_pytorch_trainer(official_run):
     cfg, batches, ours, init, wd = official_run
     _, exact = _official_reference(cfg, batches)
     result = compare(ours, exact, init)
-    assert_parity(result, _lr_sum(trainer.build_schedule(cfg)))
+    assert_parity(result, _lr_sum(build.build_schedule(cfg)))
     assert_unchanged_where_frozen(ours[1], init, dead_too=True)
     rows = read_metrics(str(wd))
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -247,5 +248,5 @@ def test_mmseg_recipe_matches_mmsegmentations_own_modules(data_dir, tmp_path):
     exact_losses = T.train_mmseg(exact_ref, _batches(cfg), pad=128, fmap_border=1, warmup_end=2, decay_end=4,
                                  total=STEPS, max_lr=cfg.optimizer.max_lr)
     result = compare(ours, (exact_losses, _variables(exact_ref)), init)
-    assert_parity(result, _lr_sum(trainer.build_schedule(cfg)), loss_bound=MMSEG_LOSS_BOUND)
+    assert_parity(result, _lr_sum(build.build_schedule(cfg)), loss_bound=MMSEG_LOSS_BOUND)
     assert_unchanged_where_frozen(ours[1], init, dead_too=False)

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import step_multidevice_check as toy
 from jax.sharding import PartitionSpec as P
 
-import step_multidevice_check as toy
 from vpd_jax import parallel
 from vpd_jax.training import optimizer as O
 from vpd_jax.training import step
@@ -178,7 +178,8 @@ def test_two_processes_on_localhost_match_one_device():
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     env.pop("JAX_PLATFORMS", None)
     cmd = [sys.executable, str(HERE / "multihost_check.py"), f"localhost:{port}"]
-    procs = [subprocess.Popen([*cmd, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([*cmd, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-3000:] + err[-3000:]

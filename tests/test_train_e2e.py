@@ -1,7 +1,8 @@
 """train.py / eval.py end to end as subprocesses on tiny synthetic data (micro model, 64x96 scenes).
 
 Resume: a run SIGKILLed after its first checkpoint and restarted (with ``train.state_layout=auto``) ends with
-exactly the parameters of an uninterrupted run. Errors: a missing data directory, a config typo, an incompatible checkpoint and a
+exactly the parameters of an uninterrupted run.
+Errors: a missing data directory, a config typo, an incompatible checkpoint and a
 non-finite loss each end in one ``error: ...`` line. Subprocesses share the repo's persistent compile cache
 (.jax_cache), so after the first run the steps load instead of compiling.
 """

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vpd_jax import parallel
+from vpd_jax import build, parallel
 from vpd_jax.models.vpd import VPDConfig, VPDDepth
 from vpd_jax.training import checkpoint as C
 from vpd_jax.training import step as S
@@ -50,7 +50,7 @@ def _listing(root: pathlib.Path) -> dict[str, bytes]:
 
 def test_the_nyu_recipe_refuses_to_start_without_sd_weights_or_a_class_table(data_dir, tmp_path):
     cfg = _nyu(data_dir, size="micro")
-    with pytest.raises(trainer.ConfigError) as e:
+    with pytest.raises(build.ConfigError) as e:
         trainer.train(cfg, str(tmp_path / "wd"))
     msg = str(e.value)
     assert "--config.pretrained" in msg and "--config.class_embeddings" in msg and "allow_random_init" in msg
@@ -59,7 +59,7 @@ def test_the_nyu_recipe_refuses_to_start_without_sd_weights_or_a_class_table(dat
     table = tmp_path / "table.npy"
     np.save(table, np.zeros((27, 32), np.float32))
     cfg.class_embeddings = str(table)
-    with pytest.raises(trainer.ConfigError, match=r"--config\.pretrained .*not given") as e:
+    with pytest.raises(build.ConfigError, match=r"--config\.pretrained .*not given") as e:
         trainer.train(cfg, str(tmp_path / "wd"))
     assert "class_embeddings" not in str(e.value)
 
@@ -71,11 +71,11 @@ def test_init_from_conflicts_and_architectures_are_one_error(data_dir, tmp_path)
     src = vc.save_converted(conv, tmp_path / "micro")
     cfg = _nyu(data_dir, size="micro")
     cfg.init_from, cfg.pretrained = str(src), "runwayml/stable-diffusion-v1-5"
-    with pytest.raises(trainer.ConfigError, match="not both"):
+    with pytest.raises(build.ConfigError, match="not both"):
         trainer.train(cfg, str(tmp_path / "wd"))
     cfg = _nyu(data_dir, size="tiny")
     cfg.init_from = str(src)
-    with pytest.raises(trainer.ConfigError, match=r"architecture \(micro\).*model\.size=micro"):
+    with pytest.raises(build.ConfigError, match=r"architecture \(micro\).*model\.size=micro"):
         trainer.train(cfg, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
 
@@ -85,8 +85,8 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(data_dir, tmp_path):
     changed (config.json is written only after the restore succeeds)."""
     cfg = demo.get_config()
     cfg.data_dir = data_dir
-    model = VPDDepth(trainer.model_config(cfg))
-    tx, _, _ = trainer.build_optimizer(cfg)
+    model = VPDDepth(build.model_config(cfg))
+    tx, _, _ = build.build_optimizer(cfg)
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     state, _ = S.create_train_state_from_variables(random_variables(model, 0), tx, mesh, 0)
     wd = tmp_path / "wd"
@@ -105,7 +105,7 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(data_dir, tmp_path):
 def test_a_workdir_that_is_a_file_is_one_error(data_dir, tmp_path):
     f = tmp_path / "wd"
     f.write_text("not a folder")
-    with pytest.raises(trainer.ConfigError, match="not a folder"):
+    with pytest.raises(build.ConfigError, match="not a folder"):
         trainer.train(_nyu(data_dir, size="micro"), str(f))
 
 

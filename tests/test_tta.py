@@ -36,7 +36,8 @@ def test_resize_matches_cv2_when_available():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     want_f = cv2.resize(img.astype(np.float32), (683, 512), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_allclose(np.asarray(tta.resize_bilinear(img[None].astype(np.float32), (512, 683)))[0], want_f, atol=2e-2)  # cv2: double coordinates
+    np.testing.assert_allclose(np.asarray(tta.resize_bilinear(img[None].astype(np.float32), (512, 683)))[0], want_f,
+                               atol=2e-2)  # cv2: double coordinates
     want_u8 = cv2.resize(img, (683, 512), interpolation=cv2.INTER_LINEAR)
     got_u8 = np.asarray(tta.resize_bilinear(img[None], (512, 683)))[0]
     assert got_u8.dtype == np.uint8
@@ -47,7 +48,8 @@ def _toy_predict(images, class_ids):
     # Depends on the column inside the window and on the class, so flips and offsets are visible.
     images = np.asarray(images, np.float32)
     w = images.shape[2]
-    return images[..., 0] + 0.01 * np.arange(w, dtype=np.float32) + 0.5 * np.asarray(class_ids, np.float32)[:, None, None]
+    return (images[..., 0] + 0.01 * np.arange(w, dtype=np.float32)
+            + 0.5 * np.asarray(class_ids, np.float32)[:, None, None])
 
 
 def _hand_merge(images, class_ids, crop, ys, xs, flip):
@@ -77,7 +79,9 @@ def test_official_tta_equals_hand_merge():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # Columns 160..479 are the mean of two windows; outside, one window.
     w0 = _toy_predict(images[:, :, :480], cids)
-    np.testing.assert_allclose(got[:, :, :160], (w0[:, :, :160] + _toy_predict(images[:, :, :480, :][:, :, ::-1], cids)[:, :, ::-1][:, :, :160]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        got[:, :, :160],
+        (w0[:, :, :160] + _toy_predict(images[:, :, :480, :][:, :, ::-1], cids)[:, :, ::-1][:, :, :160]) / 2, rtol=1e-6)
     # mmseg's slide_flip with 480/160 is the same computation.
     np.testing.assert_allclose(np.asarray(tta.mmseg_slide_flip(_toy_predict, images, cids)), got, rtol=1e-6)
 

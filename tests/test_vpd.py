@@ -1,6 +1,6 @@
 """The whole VPDDepth against a PyTorch assembly of the same network, through our checkpoint converter.
 
-Reference: ``torch_reference.TorchVPD``, diffusers' PyTorch ``UNet2DConditionModel`` and ``AutoencoderKL`` (tiny
+Reference: ``reference.torch_vpd.TorchVPD``, diffusers' PyTorch ``UNet2DConditionModel`` and ``AutoencoderKL`` (tiny
 SD-shaped configs, random weights) with forward hooks on the up blocks for VPD's four maps, and torch.nn layers
 named as in the official checkpoint for the rest. Its state dict is written in the official layout (CompVis names
 placed by diffusers' own key maps) and converted by ``vpd_jax.weights.vpd_checkpoint``. fp32, depth in metres, at
@@ -8,8 +8,6 @@ a square and a non-square size that both need padding and the feature crop (boun
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +18,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 diffusers.utils.logging.set_verbosity_error()
 
-import torch_reference as R  # noqa: E402
-
+from reference import torch_vpd as R  # noqa: E402
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_class_embeddings  # noqa: E402
-from vpd_jax.weights import diffusers as dw  # noqa: E402
 from vpd_jax.weights.common import flatten  # noqa: E402
 from vpd_jax.weights.vpd_checkpoint import convert_state_dict  # noqa: E402
 
@@ -148,7 +144,8 @@ def test_init_gives_the_documented_variables():
 
 
 def test_sd15_model_has_the_reference_parameter_counts():
-    """Spec §3: head + text adapter + gamma about 12.72 M; UNet 859.52 M with its unused ``out`` (11,524)."""
+    """Head + text adapter + gamma about 12.72 M (wl-zhao/VPD depth/models_depth/model.py, vpd/models.py); UNet
+    859.52 M with its unused ``out`` (11,524) (the training log quoted in wl-zhao/VPD GitHub issue 61)."""
     v = abstract_variables(VPDDepth(VPDConfig()))
     count = lambda tree: sum(int(np.prod(s.shape)) for s in flatten(tree).values())  # noqa: E731
     p = v["params"]

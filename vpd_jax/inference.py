@@ -4,21 +4,23 @@
     >>> p = Predictor.from_checkpoint("checkpoints/vpd_nyu")   # converted dir, workdir or official/mmseg .pth
     >>> depth = p.predict(image)                                  # (H, W, 3) uint8 -> (H, W) float32 metres
 
-Any size and aspect ratio (VPD_SPEC §9 item 1: the references only take 480, 352 or 512 squares):
+Any size and aspect ratio (asked for in wl-zhao/VPD GitHub issues 4, 34, 39 and 42: the references only take
+480, 352 or 512 squares, ``VPDDepth.forward`` in wl-zhao/VPD depth/models_depth/model.py):
 
-* ``mode="slide"`` (default): the evaluator's test-time augmentation (§6.1) at the image's own resolution:
-  windows of the model's training crop (480 for the released NYU models) placed by mmseg's ``slide_flip`` rule
-  at stride crop/3 (on 480x640 that is the official x = 0 and 160), each averaged with its flipped prediction,
-  merged by overlap count. An image smaller than the crop in either side is first upscaled (bilinear, aspect
-  kept) until it covers the crop, then the prediction is resized back. Upscaling rather than padding: padding
-  would show the model a small picture inside a grey frame it never saw in training, and metric depth from one
-  image hangs on the apparent size of things, which a frame changes and an upscale (to the pixel scale of the
-  training frames) does not.
+* ``mode="slide"`` (default): the evaluator's test-time augmentation (wl-zhao/VPD depth/test.py; mmsegmentation
+  mmseg/models/segmentors/depth_estimator.py) at the image's own resolution: windows of the model's training
+  crop (480 for the released NYU models) placed by mmseg's ``slide_flip`` rule at stride crop/3 (on 480x640
+  that is the official x = 0 and 160), each averaged with its flipped prediction, merged by overlap count. An
+  image smaller than the crop in either side is first upscaled (bilinear, aspect kept) until it covers the crop,
+  then the prediction is resized back. Upscaling rather than padding: padding would show the model a small
+  picture inside a grey frame it never saw in training, and metric depth from one image hangs on the apparent
+  size of things, which a frame changes and an upscale (to the pixel scale of the training frames) does not.
 * ``mode="resize"``: the image is resized (bilinear, aspect kept) so that its short side is the crop — NYU's
   pixel scale — then windowed as above and the prediction resized back to the input size (mmseg's 512 recipe,
   generalised). Better for photos much larger than 640x480 whose field of view is a whole room.
 
-Scene conditioning (§2): a NYU scene class (``scene="kitchen"``), a free-text ``prompt`` embedded by CLIP
+Scene conditioning (wl-zhao/VPD depth/models_depth/model.py, depth/dump_nyu_text_embeddings.py; mmsegmentation
+mmseg/models/backbones/vpd.py): a NYU scene class (``scene="kitchen"``), a free-text ``prompt`` embedded by CLIP
 (``clip=`` weights), or by default the table's last row, the mean of the 27 scenes (mmseg's "unknown").
 The row is looked up on the host and passed as ``text_embeddings``, so every choice runs one compiled model.
 
@@ -39,7 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax import visualize as vis
+from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear
 from vpd_jax.scenes import NYU_CLASSES, UNKNOWN_CLASS, class_id_from_name
+from vpd_jax.text import TextEncoder
+from vpd_jax.weights.loader import load_model
 
 MODES = ("slide", "resize")
 DEFAULT_CROP = 480  # the released NYU models' training crop (both repos)
@@ -92,8 +98,6 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
     """mmseg's ``slide_flip`` offsets (the evaluator's; the last window ends at the border)."""
-    from vpd_jax.evaluation.tta import mmseg_window_starts
-
     return mmseg_window_starts(size, crop, stride)
 
 
@@ -163,7 +167,7 @@ class Predictor:
                         prompt: str | None = None, clip: str | os.PathLike | None = None, batch_size: int = 4,
                         crop: int | None = None, stride: int | None = None, flip: bool = True,
                         dtype: str | None = None, **model_overrides) -> Predictor:
-        """Load ``src`` (see ``load_model``) and choose the conditioning.
+        """Load ``src`` (any source of ``vpd_jax.weights.loader.load_model``) and choose the conditioning.
 
         ``scene``: a NYU class name or id; ``prompt`` (with ``clip``, CLIP ViT-L/14 weights: a local folder or
         a hub id for ``TextEncoder.from_pretrained``); neither: the mean scene row. ``crop``: the training crop
@@ -173,13 +177,13 @@ class Predictor:
             raise ValueError("give a scene class or a prompt, not both")
         if dtype is not None:
             model_overrides["dtype"] = dtype
-        model, variables, ckpt_crop = load_model(src, model_overrides)
+        loaded = load_model(src, overrides=model_overrides)
+        model, variables, ckpt_crop = loaded.model, loaded.variables, loaded.crop
         embedding, desc = None, Scene("mean")
         table = np.asarray(variables["constants"]["class_embeddings"], np.float32)
         if prompt is not None:
             if clip is None:
                 raise ValueError("a text prompt needs CLIP weights: pass clip= (--clip SOURCE)")
-            from vpd_jax.text import TextEncoder
 
             embedding, desc = TextEncoder.from_pretrained(clip).embed([prompt])[0], Scene("prompt", prompt)
         elif scene is not None and not (isinstance(scene, int) and scene in (-1, UNKNOWN_CLASS)):
@@ -217,8 +221,6 @@ class Predictor:
 
     @staticmethod
     def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        from vpd_jax.evaluation.tta import resize_bilinear
-
         return np.asarray(resize_bilinear(np.asarray(x, np.float32), size), np.float32)
 
     def _slide(self, batch: np.ndarray) -> np.ndarray:
@@ -258,24 +260,10 @@ class Predictor:
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
-def load_model(src: str | os.PathLike, model_overrides: dict | None = None):
-    """``(VPDDepth, variables, crop or None)`` of any model source (``vpd_jax.weights.loader.load_model``)."""
-    from vpd_jax.weights.loader import load_model as load
-
-    loaded = load(src, overrides=model_overrides)
-    return loaded.model, loaded.variables, loaded.crop
-
-
-def find_in_workdir(workdir: pathlib.Path) -> pathlib.Path | None:
-    """The converted checkpoint inside a folder (``vpd_jax.weights.loader.find_converted``)."""
-    from vpd_jax.weights.loader import find_converted
-
-    return find_converted(pathlib.Path(workdir))
-
-
 # ------------------------------------------------------------------------------------------- files
 
-def gather_inputs(inputs: Iterable[str], exclude: pathlib.Path | None = None) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], list[str]]:
+def gather_inputs(inputs: Iterable[str], exclude: pathlib.Path | None = None
+                  ) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], list[str]]:
     """``(path, relative output stem)`` for every image named by ``inputs`` (files, folders searched recursively
     for image suffixes, glob patterns), in order, without duplicates; plus the inputs that matched nothing.
 
@@ -347,9 +335,8 @@ class Outputs:
             d["ply"] = base.with_name(base.name + ".ply")
         return d
 
-    def write(self, out_dir: pathlib.Path, stem: pathlib.Path, image: np.ndarray, depth: np.ndarray) -> list[pathlib.Path]:
-        from vpd_jax import visualize as vis
-
+    def write(self, out_dir: pathlib.Path, stem: pathlib.Path, image: np.ndarray,
+              depth: np.ndarray) -> list[pathlib.Path]:
         written = []
         for kind, path in self.paths(out_dir, stem).items():
             if kind == "png16":

@@ -5,7 +5,7 @@ The class order is the official ``depth/nyu_class_list.json`` of wl-zhao/VPD (mm
 Row ``UNKNOWN_CLASS`` (27) is the mean of the 27 rows: mmseg's ``-1`` ("no scene label").
 
 Two rules map an image's file name to a class id, and a checkpoint must be used with the rule of the repo
-that trained it (VPD_SPEC §2.2):
+that trained it (wl-zhao/VPD depth/dataset/nyudepthv2.py; mmsegmentation mmseg/datasets/nyu.py):
 
 * ``"official"``: the first class name that is a *substring* of ``<scene_dir>_<file>``; so ``study_room_*``
   maps to ``study``, ``office_kitchen_*`` to ``kitchen`` and ``nyu_office_*`` to ``office``. A name that

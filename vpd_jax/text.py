@@ -1,8 +1,9 @@
 """Scene conditioning: prompts and NYU scene classes to the 768-d CLIP embedding VPD's text adapter refines.
 
-VPD conditions every image on one vector ``e`` (VPD_SPEC §2): the pooled CLIP ViT-L/14 text embedding of its
-scene, averaged over the 80 ImageNet prompt templates; the model's text adapter turns it into the
-(B, 1, 768) context token ``e + gamma * MLP(e)``. This file provides
+VPD conditions every image on one vector ``e`` (wl-zhao/VPD depth/models_depth/model.py, vpd/models.py,
+depth/dump_nyu_text_embeddings.py): the pooled CLIP ViT-L/14 text embedding of its scene, averaged over the 80
+ImageNet prompt templates; the model's text adapter turns it into the (B, 1, 768) context token
+``e + gamma * MLP(e)``. This file provides
 
 * ``TextEncoder``: CLIP weights + tokenizer, ``embed(prompts) -> (N, 768)`` pooled embeddings computed
   exactly as the official ``FrozenCLIPEmbedder`` (slow ``CLIPTokenizer``, ``padding="max_length"``,
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES, UNKNOWN_CLASS
+from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES, UNKNOWN_CLASS, class_id_from_name
+from vpd_jax.weights.clip import load_clip_text, load_clip_tokenizer
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot notebook (openai/CLIP,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb), in that order, as VPD's dump_nyu_text_embeddings.py uses
@@ -162,8 +164,6 @@ class TextEncoder:
                         max_length: int = DEFAULT_MAX_LENGTH, dtype: Any = None, use_fast: bool = False,
                         batch_size: int = 80) -> TextEncoder:
         """Load from a transformers CLIP folder, weight file or hub id (``vpd_jax.weights.clip``)."""
-        from vpd_jax.weights.clip import load_clip_text, load_clip_tokenizer
-
         module, params, tok = load_clip_text(source, dtype=dtype, tokenizer=tokenizer_source is None,
                                              use_fast=use_fast)
         if tokenizer_source is not None:
@@ -239,8 +239,6 @@ def scene_embedding(table: np.ndarray, scene: int | str | None) -> np.ndarray:
         raise ValueError(f"expected a ({NUM_CLASSES} or {NUM_CLASSES + 1}, D) class-embedding table, "
                          f"got shape {table.shape}")
     if isinstance(scene, str):
-        from vpd_jax.scenes import class_id_from_name
-
         scene = class_id_from_name(scene)
     if scene is None or scene in (-1, UNKNOWN_CLASS):
         return table[UNKNOWN_CLASS] if table.shape[0] > NUM_CLASSES else table.mean(axis=0)

@@ -1,4 +1,6 @@
-"""VPD's training augmentations (VPD_SPEC §5.2) in numpy/OpenCV, deterministic given a numpy Generator.
+"""VPD's training augmentations (wl-zhao/VPD depth/dataset/base_dataset.py, depth/dataset/nyudepthv2.py;
+mmsegmentation mmseg/datasets/transforms/transforms.py, configs/_base_/datasets/nyu.py and nyu_512x512.py) in
+numpy/OpenCV, deterministic given a numpy Generator.
 
 Order, as in both references: CutDepth on the full image -> horizontal flip -> (512 recipe only) random
 resize -> random crop -> brightness/contrast -> gamma -> hue/saturation/value. The photometric ops reproduce

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from vpd_jax.errors import DatasetNotFoundError
+
 # name -> (directory under data_dir, version, prepare command hint, split aliases)
 DATASETS: dict[str, dict] = {
     "nyu_vpd/bts": {"path": "nyu_vpd/bts/1.0.0",
@@ -18,10 +20,6 @@ DATASETS: dict[str, dict] = {
     "nyu_depth_v2": {"path": "nyu_depth_v2/0.0.1", "prepare": "--source fastdepth --fastdepth_dir EXTRACTED_DIR",
                      "aliases": {"test": "validation"}},
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset or split that is not prepared under ``data_dir``; ``str()`` is one line with the fix."""
 
 
 def dataset_names() -> list[str]:

@@ -1,6 +1,7 @@
 """Readers for the NYUv2 layouts VPD users have on disk, each turning one image/depth pair into an example.
 
-Layouts (VPD_SPEC §5.1):
+Layouts (wl-zhao/VPD depth/README.md, depth/dataset/nyudepthv2.py; mmsegmentation configs/_base_/datasets/nyu.py,
+tools/dataset_converters/nyu.py):
 
 * BTS ``sync`` training tree, ``<scene_dir>/rgb_NNNNN.jpg`` + ``sync_depth_NNNNN.png`` (uint16 mm): every pair
   found, or the pairs of a BTS-format list file (``/<scene_dir>/rgb_N.jpg /<scene_dir>/sync_depth_N.png
@@ -27,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from vpd_jax import scenes
+from vpd_jax.data import synthetic
 
 NYU_SIZE = (480, 640)
 
@@ -44,8 +46,9 @@ class Item:
 
 
 def class_names(scene_dir: str, base_name: str) -> tuple[str, str]:
-    """The names the two class rules see for ``<scene_dir>/<base_name>`` (VPD_SPEC §2.2): the official one
-    is ``<scene_dir>_<file>``; mmseg's converter flattens ``<scene_dir>/rgb_N.jpg`` to ``<scene_dir>_N.jpg``."""
+    """The names the two class rules see for ``<scene_dir>/<base_name>`` (wl-zhao/VPD depth/dataset/nyudepthv2.py;
+    mmsegmentation mmseg/datasets/nyu.py): the official one is ``<scene_dir>_<file>``; mmseg's converter
+    (tools/dataset_converters/nyu.py) flattens ``<scene_dir>/rgb_N.jpg`` to ``<scene_dir>_N.jpg``."""
     official = f"{scene_dir}_{base_name}"
     flat = re.sub(r"^(rgb|sync_depth)_", "", base_name)
     return official, f"{scene_dir}_{flat}"
@@ -301,8 +304,6 @@ def mat_items(mat_path: str, splits_path: str, split: str, image_format: str = "
 def synthetic_items(seed: int, num_images: int, height: int, width: int, split: str,
                     frames_per_scene: int = 4) -> Iterator[Item]:
     """Generated scenes (``synthetic.py``), PNG-encoded so the stored pixels are exactly the rendered ones."""
-    from vpd_jax.data import synthetic
-
     for i in range(num_images):
         scene_index, frame = divmod(i, frames_per_scene)
         scene_dir, _ = synthetic.scene_dir_name(seed, scene_index, split)

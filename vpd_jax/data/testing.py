@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from vpd_jax.data import synthetic
+
 
 def _imwrite(path: str, array: np.ndarray):
     import cv2
@@ -25,8 +27,6 @@ def write_bts_tree(root: str, num_images: int, height: int, width: int, seed: in
                    frames_per_scene: int = 3) -> list[tuple[str, str]]:
     """``<scene_dir>/rgb_NNNNN.jpg`` + ``sync_depth_NNNNN.png`` (uint16 mm); returns the (rgb, depth) relative
     paths in generation order."""
-    from vpd_jax.data import synthetic
-
     pairs = []
     for i, sc in enumerate(synthetic.iter_scenes(seed, num_images, height, width, split, frames_per_scene)):
         idx = 10 * i + 1  # gaps and non-zero start, like real BTS frame numbers

@@ -1,9 +1,10 @@
 """The evaluator shared by train-time evaluation and ``eval.py``: TTA, metrics, tables, files, pictures.
 
 ``Evaluator(model, settings).evaluate(variables, loader)`` runs the configured test-time augmentation
-(``vpd_jax.evaluation.tta``) jitted once for the loader's batch shape, computes the spec §6.2 metrics per
-image (``metrics.depth_metrics``) over the valid examples and averages them over images. On several hosts
-each host predicts its block of the split and process 0 gathers all rows; every host returns the result.
+(``vpd_jax.evaluation.tta``) jitted once for the loader's batch shape, computes the metrics of wl-zhao/VPD
+depth/utils_depth/metrics.py per image (``metrics.depth_metrics``) over the valid examples and averages them
+over images. On several hosts each host predicts its block of the split and process 0 gathers all rows; every
+host returns the result.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vpd_jax import visualize
+from vpd_jax import parallel, visualize
 from vpd_jax.evaluation import metrics as M
 from vpd_jax.evaluation import tta as T
 
@@ -101,8 +100,6 @@ class Evaluator:
         self._run = jax.jit(run)
 
     def _put(self, x):
-        from vpd_jax import parallel
-
         if self.mesh is None:
             return x
         n = parallel.num_batch_shards(self.mesh)
@@ -169,7 +166,8 @@ class Evaluator:
                     if len(pictures) < s.num_pictures and not multi:
                         pictures.append({"image": images[i], "gt": gt[i], "pred": pred[i]})
                     if save_predictions:
-                        visualize.save_depth_png16(os.path.join(save_predictions, _png_name(names[i], index + i)), pred[i])
+                        visualize.save_depth_png16(os.path.join(save_predictions, _png_name(names[i], index + i)),
+                                                   pred[i])
             index += len(gt)
             if bar is not None:
                 bar.update(1)
@@ -216,71 +214,3 @@ def picture_grid(pictures: list[dict]) -> np.ndarray:
 def save_picture(path: str, pictures: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     visualize.save_png(path, picture_grid(pictures))
-
-
-# ---------------------------------------------------------------------------------------------- eval.py
-def load_for_eval(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None):
-    """``(model, variables, source description)`` for ``eval.py``: a training workdir or a checkpoint file/dir."""
-    from vpd_jax.models.vpd import VPDDepth, abstract_variables
-    from vpd_jax.training import checkpoint as C
-    from vpd_jax.training import trainer
-
-    if (workdir is None) == (checkpoint is None):
-        raise trainer.ConfigError("give exactly one of --workdir and --checkpoint")
-    if checkpoint is not None:
-        from vpd_jax.weights.vpd_checkpoint import load_vpd_checkpoint
-
-        overrides = {"dtype": cfg.model.dtype, "attention_impl": cfg.model.attention_impl or None}
-        model, variables, _, _ = load_vpd_checkpoint(checkpoint, model_overrides=overrides)
-        if cfg.class_embeddings:
-            variables = {**variables, "constants": trainer.class_table(cfg, abstract_variables(model)["constants"])}
-        return model, variables, checkpoint
-    model = VPDDepth(trainer.model_config(cfg))
-    abstract = abstract_variables(model)
-    if which == "best":
-        variables, _, step = C.restore_best(workdir, abstract)
-        return model, variables, f"{workdir} (best, step {step})"
-    from vpd_jax import parallel
-
-    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    tx, _, _ = trainer.build_optimizer(cfg)
-    abstract_state, _ = trainer.abstract_train_state(abstract, tx, mesh)
-    ck = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
-    try:
-        if ck.latest_step() is None:
-            raise C.CheckpointError(f"no checkpoint in {ck.latest.directory}")
-        state, constants, _, _ = ck.restore(abstract_state, abstract["constants"])
-    finally:
-        ck.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats, "constants": constants}
-    return model, variables, f"{workdir} (latest, step {int(state.step)})"
-
-
-def evaluate_main(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None,
-                  save_predictions: str | None = None, output: str | None = None, progress: bool = True) -> dict:
-    """Everything ``eval.py`` does; returns ``{"metrics", "num_images", ...}`` and writes the JSON."""
-    from vpd_jax import parallel
-    from vpd_jax.data.loader import make_eval_loader
-
-    settings = EvalSettings.from_config(cfg.eval)
-    loader = make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split, batch_size=cfg.eval.batch_size,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              class_rule=cfg.class_rule)
-    model, variables, source = load_for_eval(cfg, workdir=workdir, which=which, checkpoint=checkpoint)
-    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    variables = jax.device_put(variables, parallel.replicated(mesh)) if not mesh.is_multi_process else variables
-    ev = Evaluator(model, settings, mesh)
-    res = ev.evaluate(variables, loader, save_predictions=save_predictions, progress=progress)
-    m = res["metrics"]
-    if jax.process_index() == 0:
-        print(f"{source}: {res['num_images']} images of {cfg.dataset}/{cfg.test_split}, TTA {settings.tta}"
-              f"{' + flip' if settings.flip else ''}, {res['seconds']:.1f}s")
-        print(format_table({"test": m}), flush=True)
-        if output is None:
-            output = os.path.join(workdir, f"eval_{which}.json") if workdir else "eval.json"
-        write_json(output, {"source": source, "dataset": cfg.dataset, "split": cfg.test_split,
-                            "num_images": res["num_images"], "tta": settings.tta, "flip": settings.flip,
-                            "metrics": m})
-        print(f"wrote {output}" + (f" and {res['num_images']} PNGs to {save_predictions}" if save_predictions else ""))
-    res["source"] = source
-    return res

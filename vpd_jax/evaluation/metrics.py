@@ -1,4 +1,5 @@
-"""NYUv2 depth metrics (spec §6.2), computed per image in numpy and averaged over images.
+"""NYUv2 depth metrics (wl-zhao/VPD depth/utils_depth/metrics.py, mmsegmentation
+mmseg/evaluation/metrics/depth_metric.py), computed per image in numpy and averaged over images.
 
 Must stay numerically compatible with the official VPD ``utils_depth/metrics.py`` (``cropping_img`` +
 ``eval_depth``) and mmseg's ``DepthMetric``: same mask, same formulas, per-image values averaged over images
@@ -56,7 +57,7 @@ def depth_metrics(
     max_depth: float = MAX_DEPTH_EVAL,
     crop: tuple[int, int, int, int] | None = EIGEN_CROP,
 ) -> dict[str, float]:
-    """The nine metrics of spec §6.2 for one image.
+    """The nine metrics of wl-zhao/VPD depth/utils_depth/metrics.py for one image.
 
     Args:
       pred: predicted depth in metres, shape (H, W) (480x640 for NYU).

@@ -1,4 +1,5 @@
-"""Test-time augmentation of the references (spec §6.1, §6.3), over any ``predict_fn``.
+"""Test-time augmentation of the references (wl-zhao/VPD depth/test.py; mmsegmentation
+mmseg/models/segmentors/depth_estimator.py, configs/vpd/vpd_sd_4xb8-25k_nyu-512x512.py), over any ``predict_fn``.
 
 ``predict_fn(images, class_ids) -> depth``: images (B, h, w, 3) NHWC, uint8 or float, exactly as the
 caller's model wants them (this module never normalises); ``class_ids`` (B,); depth (B, h, w) in metres.

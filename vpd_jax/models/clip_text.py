@@ -1,7 +1,8 @@
 """The CLIP text transformer (as in transformers' ``CLIPTextModel``) in Flax linen.
 
-VPD conditions its UNet on the *pooled* CLIP ViT-L/14 text embedding of a scene prompt (VPD_SPEC §2.1): the
-final-layer-normed hidden state at the end-of-text token. This module must stay numerically equal to
+VPD conditions its UNet on the *pooled* CLIP ViT-L/14 text embedding of a scene prompt (wl-zhao/VPD
+depth/dump_nyu_text_embeddings.py with ``FrozenCLIPEmbedder`` of vpd/models.py): the final-layer-normed hidden
+state at the end-of-text token. This module must stay numerically equal to
 transformers' PyTorch ``CLIPTextModel`` (the class the official ``FrozenCLIPEmbedder`` uses), including its
 pooling rule, so that a class-embedding table computed here equals the one the reference computes.
 

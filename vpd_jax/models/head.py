@@ -1,7 +1,8 @@
 """VPD's task head around the Stable Diffusion backbone: neck, decoder, depth head and text adapter.
 
 Layer for layer the network of the official ``depth/models_depth/model.py`` (``VPDDepthEncoder`` tail,
-``Decoder``, ``last_layer_depth``) and of mmsegmentation's ``VPDDepthHead`` (VPD_SPEC §3), in NHWC:
+``Decoder``, ``last_layer_depth``) and of mmsegmentation's ``VPDDepthHead``
+(mmseg/models/decode_heads/vpd_depth_head.py), in NHWC:
 
 * ``Neck``: o11 -> conv3x3 s2, GroupNorm(16), ReLU, conv3x3 s2; o7 -> conv3x3 s2; o1 -> nearest x2, concatenated
   after o4; all four concatenated (o11, o7, o4, o1) -> conv1x1 -> GroupNorm(16) -> ReLU.

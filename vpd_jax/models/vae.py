@@ -1,7 +1,8 @@
 """The encoder half of Stable Diffusion's ``AutoencoderKL`` in Flax linen: image -> posterior mean.
 
 VPD encodes with ``encode(x).mode()``, i.e. the mean of the diagonal Gaussian, and does **not** multiply by
-the 0.18215 scaling factor (VPD_SPEC §1.2), so neither does this module. Numerics follow PyTorch/CompVis:
+the 0.18215 scaling factor (wl-zhao/VPD depth/models_depth/model.py; mmsegmentation
+mmseg/models/backbones/vpd.py), so neither does this module. Numerics follow PyTorch/CompVis:
 GroupNorm epsilon 1e-6 with float32 two-pass statistics, the asymmetric (0, 1, 0, 1) padding before each
 stride-2 downsampling conv, and a single-head mid-block attention with biased q/k/v projections.
 

@@ -1,4 +1,5 @@
-"""``VPDDepth``: the whole VPD depth network (VPD_SPEC §0-§3), an RGB image to metric depth.
+"""``VPDDepth``: the whole VPD depth network, an RGB image to metric depth (wl-zhao/VPD depth/models_depth/model.py,
+vpd/models.py; mmsegmentation mmseg/models/backbones/vpd.py, mmseg/models/decode_heads/vpd_depth_head.py).
 
 image [0, 255] -> x/127.5 - 1 -> zero pad bottom/right -> frozen VAE encoder (posterior mean, no 0.18215)
 -> UNet once at t = 1 with one context token ``e + gamma * MLP(e)`` -> decoder maps (o11, o7, o4, o1)
@@ -200,7 +201,7 @@ PRESETS = ("sd15", "tiny", "micro")
 
 
 class VPDDepth(nn.Module):
-    """VPD: image -> metric depth (B, H, W) in metres, for any H, W (VPD_SPEC §0-§3).
+    """VPD: image -> metric depth (B, H, W) in metres, for any H, W (wl-zhao/VPD depth/models_depth/model.py).
 
     Sizes: the normalised image is zero padded at the bottom and right to ``config.padded_size(H, W)``, the
     next multiple of 64 (the VAE's x8 times the UNet's three x2 downsamplings, so every UNet level and every

@@ -2,14 +2,14 @@
 
     python -m vpd_jax.tools.class_embeddings --clip openai/clip-vit-large-patch14 --out nyu_class_embeddings.npy
 
-Recipe (wl-zhao/VPD ``depth/dump_nyu_text_embeddings.py``, VPD_SPEC §2.1): for each class of
-``vpd_jax.scenes.NYU_CLASSES`` in order, ``_`` becomes a space, the 80 CLIP ImageNet templates are filled in,
-tokenized with ``padding="max_length", truncation=True, max_length=20``, encoded by the CLIP text model, and
-the pooled outputs are averaged (no normalisation). Result: float32 (27, 768), or (28, 768) with
+Recipe (wl-zhao/VPD ``depth/dump_nyu_text_embeddings.py`` with ``FrozenCLIPEmbedder`` of ``vpd/models.py``): for
+each class of ``vpd_jax.scenes.NYU_CLASSES`` in order, ``_`` becomes a space, the 80 CLIP ImageNet templates are
+filled in, tokenized with ``padding="max_length", truncation=True, max_length=20``, encoded by the CLIP text
+model, and the pooled outputs are averaged (no normalisation). Result: float32 (27, 768), or (28, 768) with
 ``--with-mean`` (mmseg's table, last row = unknown scene).
 
 To *reproduce* a released checkpoint, use the table shipped with it: the official table was generated in a
-filesystem-dependent class order and regenerating it is reported to differ slightly (VPD issue #56).
+filesystem-dependent class order and regenerating it is reported to differ slightly (wl-zhao/VPD GitHub issue 56).
 
 The output format follows the suffix: ``.npy``; ``.safetensors`` (tensor ``class_embeddings``); ``.pth`` /
 ``.pt`` (a bare tensor, like the official ``nyu_class_embeddings.pth``, loadable with
@@ -26,6 +26,10 @@ import sys
 import time
 
 import numpy as np
+
+from vpd_jax.scenes import NYU_CLASSES
+from vpd_jax.text import DEFAULT_MAX_LENGTH, IMAGENET_TEMPLATES, TextEncoder, class_embedding_table
+from vpd_jax.weights.common import WeightsError, read_torch
 
 SAFETENSORS_KEY = "class_embeddings"
 OUT_SUFFIXES = (".npy", ".safetensors", ".pth", ".pt")
@@ -60,7 +64,6 @@ def load_table(path: str | pathlib.Path) -> np.ndarray:
 
         tensors = load_file(str(path))
         return tensors[SAFETENSORS_KEY] if SAFETENSORS_KEY in tensors else next(iter(tensors.values()))
-    from vpd_jax.weights.common import read_torch
 
     obj = read_torch(path)
     if isinstance(obj, dict):  # tolerate {'class_embeddings': tensor}-style files
@@ -77,9 +80,6 @@ def _progress(total_desc: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vpd_jax.scenes import NYU_CLASSES
-    from vpd_jax.text import DEFAULT_MAX_LENGTH, IMAGENET_TEMPLATES, TextEncoder, class_embedding_table
-
     ap = argparse.ArgumentParser(prog="python -m vpd_jax.tools.class_embeddings", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", required=True,
@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         classes = json.loads(pathlib.Path(args.classes).read_text())
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise SystemExit(f"--classes {args.classes}: expected a JSON list of strings")
-
-    from vpd_jax.weights.common import WeightsError
 
     t0 = time.time()
     try:

@@ -5,14 +5,16 @@
 
 Reads the official (``{'model': ...}``) or the mmsegmentation (``{'state_dict': ...}``) checkpoint with
 ``torch.load(weights_only=True)`` (``--format auto`` tells them apart by their key names), maps every tensor
-(VPD_SPEC §7), and writes ``OUT/config.json`` and ``OUT/variables/`` (params, batch_stats, the class-embedding
-table). A tensor that maps nowhere fails the conversion, naming it; the knowingly skipped ones (VAE decoder,
-``post_quant_conv``, the UNet's ``out``, BN step counters) are counted in the summary and in config.json.
+(the modules of wl-zhao/VPD depth/models_depth/model.py, mmsegmentation mmseg/models/backbones/vpd.py and
+mmseg/models/decode_heads/vpd_depth_head.py), and writes ``OUT/config.json`` and ``OUT/variables/`` (params,
+batch_stats, the class-embedding table). A tensor that maps nowhere fails the conversion, naming it; the
+knowingly skipped ones (VAE decoder, ``post_quant_conv``, the UNet's ``out``, BN step counters) are counted in
+the summary and in config.json.
 ``config.json`` also records the filename-to-class rule of the repo that trained the weights.
 
 The architecture is read off the tensors (an SD 1.x UNet: 8 heads for a 768-wide context). For anything else,
 pass ``--config FILE.json`` holding a ``VPDConfig.to_dict()``. ``eval.py``/inference can also read the
-``.pth`` directly (``vpd_jax.weights.vpd_checkpoint.load_vpd_checkpoint``); converting once saves the time.
+``.pth`` directly (``vpd_jax.weights.loader.load_model``); converting once saves the time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import pathlib
 import sys
 import time
 
+from vpd_jax.models.vpd import VPDConfig
+from vpd_jax.weights import vpd_checkpoint as vc
 from vpd_jax.weights.common import WeightsError, flatten
 
 
@@ -45,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.crop is not None and args.crop < 32:
         print(f"error: --crop {args.crop}: expected the training crop in pixels (e.g. 480 or 512)", file=sys.stderr)
         return 2
-
-    from vpd_jax.models.vpd import VPDConfig
-    from vpd_jax.weights import vpd_checkpoint as vc
 
     out = pathlib.Path(args.out)
     if (out / vc.VARIABLES_DIR).exists():

@@ -19,18 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
 
 import jax
-import numpy as np
 
+from vpd_jax.errors import CheckpointError
 from vpd_jax.weights.loader import BEST, BEST_ITEMS, CHECKPOINTS, STATE_ITEMS, checkpoint_steps
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used with this run (missing, or another model/optimizer)."""
 
 
 def _ocp():

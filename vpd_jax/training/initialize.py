@@ -23,7 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from vpd_jax.models.vpd import abstract_variables, init_variables
 from vpd_jax.training.optimizer import path_to_str
+from vpd_jax.weights.common import check_tree
+from vpd_jax.weights.diffusers import load_unet, load_vae_encoder
 
 INIT_METHODS = ("fast", "flax")
 
@@ -86,14 +89,10 @@ def fill_random(abstract: Any, seed: int, head_init: str = "official") -> Any:
 
 
 def flax_init(model, seed: int, image_shape=(1, 64, 64, 3)) -> Any:
-    from vpd_jax.models.vpd import init_variables
-
     return jax.tree.map(np.asarray, init_variables(model, jax.random.PRNGKey(int(seed)), image_shape))
 
 
 def random_variables(model, seed: int, method: str = "fast") -> Any:
-    from vpd_jax.models.vpd import abstract_variables
-
     if method == "fast":
         return fill_random(abstract_variables(model), seed, model.config.head_init)
     if method == "flax":
@@ -103,9 +102,6 @@ def random_variables(model, seed: int, method: str = "fast") -> Any:
 
 def with_pretrained(variables: dict, model, source: str) -> dict:
     """``variables`` with ``params/unet`` and ``params/vae`` read from ``source`` (checked against the model)."""
-    from vpd_jax.weights.common import check_tree
-    from vpd_jax.weights.diffusers import load_unet, load_vae_encoder
-
     cfg = model.config
     _, unet = load_unet(source, config=cfg.unet, param_dtype=cfg.params_dtype, keep_output_head=False)
     _, vae = load_vae_encoder(source, config=cfg.vae, param_dtype=cfg.params_dtype)
@@ -118,9 +114,6 @@ def with_pretrained(variables: dict, model, source: str) -> dict:
 
 def with_pretrained_vae(variables: dict, model, source: str) -> dict:
     """``variables`` with ``params/vae`` read from ``source`` alone (checked against the model)."""
-    from vpd_jax.weights.common import check_tree
-    from vpd_jax.weights.diffusers import load_vae_encoder
-
     cfg = model.config
     _, vae = load_vae_encoder(source, config=cfg.vae, param_dtype=cfg.params_dtype)
     params = dict(variables["params"])

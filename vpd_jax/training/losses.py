@@ -1,4 +1,5 @@
-"""SiLog depth losses (spec §4): the official batch-pooled form and mmseg's per-image form.
+"""SiLog depth losses: the official batch-pooled form (wl-zhao/VPD depth/utils_depth/criterion.py) and mmseg's
+per-image form (mmsegmentation mmseg/models/losses/silog_loss.py).
 
 Both are written with masks rather than boolean indexing so they trace under ``jit`` with static shapes.
 Invalid pixels are replaced by a neutral value *before* the log, so they contribute neither to the value

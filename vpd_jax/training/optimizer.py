@@ -1,4 +1,5 @@
-"""AdamW with parameter groups chosen by rules on the parameter path (spec §5.3).
+"""AdamW with parameter groups chosen by rules on the parameter path (wl-zhao/VPD depth/models_depth/optimizer.py,
+depth/train.py; mmsegmentation configs/vpd/vpd_sd_4xb8-25k_nyu-480x480.py).
 
 A parameter's path is its keys joined by ``/``, e.g. ``unet/down_blocks_0/resnets_0/conv1/kernel``.
 Rules decide, per leaf:

@@ -1,4 +1,5 @@
-"""Learning-rate schedules of the two references (spec §5.3) as optax schedules.
+"""Learning-rate schedules of the two references (wl-zhao/VPD depth/train.py; mmsegmentation
+configs/_base_/schedules/schedule_25k.py) as optax schedules.
 
 Indexing convention. An optax schedule is called with ``count``, the number of updates already applied:
 the first update sees ``count = 0``. Each function below returns the learning rate the reference uses for

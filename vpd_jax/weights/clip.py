@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, abstract_params
 from vpd_jax.weights.common import (
     WeightsError,
     check_tree,
     dense_kernel,
     find_in_folder,
-    flax_path,
     flatten,
+    flax_path,
     hub_download,
     looks_like_hub_id,
     read_tensors,
@@ -107,8 +108,6 @@ def _resolve_hub(repo_id: str) -> tuple[pathlib.Path, pathlib.Path]:
 
 def read_clip_config(path: str | os.PathLike):
     """The ``CLIPTextConfig`` of a transformers ``config.json`` (CLIPModel or CLIPTextModel)."""
-    from vpd_jax.models.clip_text import CLIPTextConfig
-
     path = pathlib.Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -204,8 +203,6 @@ def load_clip_text(source: str | os.PathLike, *, dtype: Any = None, param_dtype:
     """
     import jax
     import jax.numpy as jnp
-
-    from vpd_jax.models.clip_text import CLIPTextTransformer, abstract_params
 
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype

@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax.errors import WeightsError  # noqa: F401 (raised here, imported from here by other modules)
+
 TORCH_SUFFIXES = (".ckpt", ".bin", ".pth", ".pt")
-
-
-class WeightsError(ValueError):
-    """A weight source that cannot be read or does not fit the model; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------- sources

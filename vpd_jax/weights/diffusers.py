@@ -10,8 +10,9 @@
 * a component weight file on its own (``.../unet/diffusion_pytorch_model.safetensors``), next to its config;
 * a Hugging Face hub id such as ``runwayml/stable-diffusion-v1-5`` (through huggingface_hub).
 
-The CompVis-to-diffusers key map and the PyTorch-to-Flax layout conversion are ours (VPD_SPEC §7.4). Every
-tensor is accounted for: inside the UNet or VAE part of a file, a key that maps nowhere, a missing key or a
+The CompVis-to-diffusers key map and the PyTorch-to-Flax layout conversion are ours (following diffusers
+src/diffusers/pipelines/stable_diffusion/convert_from_ckpt.py and src/diffusers/models/modeling_flax_pytorch_utils.py).
+Every tensor is accounted for: inside the UNet or VAE part of a file, a key that maps nowhere, a missing key or a
 shape mismatch fails with one ``WeightsError`` naming them. Known-unused tensors are skipped knowingly: the
 VAE decoder and ``post_quant_conv``; other components of a single file (the text encoder, schedule buffers).
 
@@ -181,7 +182,8 @@ def diffusers_vae_to_ldm(state: Mapping[str, Any]) -> dict[str, Any]:
             continue
         new = key.replace("encoder.conv_norm_out.", "encoder.norm_out.")
         if mt := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
-            new = f"encoder.down.{mt.group(1)}.block.{mt.group(2)}.{mt.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+            new = (f"encoder.down.{mt.group(1)}.block.{mt.group(2)}."
+                   f"{mt.group(3).replace('conv_shortcut', 'nin_shortcut')}")
         elif mt := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
             new = f"encoder.down.{mt.group(1)}.downsample.conv.{mt.group(2)}"
         elif mt := re.match(r"encoder\.mid_block\.resnets\.(\d)\.(.+)$", key):
@@ -273,7 +275,6 @@ def infer_ldm_unet_config(state: Mapping[str, Any], what: str, heads: int | tupl
     heads); any other width needs ``heads`` (a count, or one per level), else one error says so.
     """
     try:
-        model_ch = state["input_blocks.0.0.weight"].shape[0]
         in_ch = state["input_blocks.0.0.weight"].shape[1]
         ctx = state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         linear = np.ndim(state["input_blocks.1.1.proj_in.weight"]) == 2

@@ -122,11 +122,12 @@ def _host_restore_args(tree):
             for k, v in tree.items()}
 
 
-def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, which: str = "best"
-                              ) -> tuple[dict[str, Any], int]:
+def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, which: str = "best",
+                              origin: str | None = None) -> tuple[dict[str, Any], int]:
     """``(variables, step)`` of a workdir's best weights or newest checkpoint, as host numpy arrays.
 
-    Only ``params``, ``batch_stats`` and ``constants`` are read; the optimizer state stays on disk.
+    Only ``params``, ``batch_stats`` and ``constants`` are read; the optimizer state stays on disk. ``origin``
+    names where ``config`` came from in errors (default: the workdir's own config.json).
     """
     import orbax.checkpoint as ocp
 
@@ -137,7 +138,8 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     if which == "best":
         steps = checkpoint_steps(wd / BEST)
         if not steps:
-            raise WeightsError(f"{wd / BEST}: no best checkpoint (training never evaluated?); use :latest")
+            raise WeightsError(f"{wd / BEST}: no best checkpoint (training never evaluated?); use the latest "
+                               "checkpoint instead (WORKDIR:latest, or eval.py --which=latest)")
         step = steps[-1]
         item = wd / BEST / str(step) / "model"
         target = {k: abstract[k] for k in ("params", "batch_stats", "constants")}
@@ -158,7 +160,7 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
                 item.parent / "constants", args=ocp.args.PyTreeRestore(
                     item=const_target, restore_args=_host_restore_args(const_target)))}
     except (ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{item}: does not fit the model of {wd / WORKDIR_CONFIG} "
+        raise WeightsError(f"{item}: does not fit the model of {origin or wd / WORKDIR_CONFIG} "
                            f"({str(e).splitlines()[0][:300]})") from None
     variables = {k: _as_numpy(out[k]) for k in ("params", "batch_stats", "constants")}
     vc.check_shapes(abstract, variables, str(item))

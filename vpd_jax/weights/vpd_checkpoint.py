@@ -1,6 +1,7 @@
 """The released VPD depth checkpoints (official and mmsegmentation) as variables of our ``VPDDepth``.
 
-Two PyTorch layouts are read (VPD_SPEC §7):
+Two PyTorch layouts are read (the modules of wl-zhao/VPD depth/models_depth/model.py and of mmsegmentation
+mmseg/models/backbones/vpd.py + mmseg/models/decode_heads/vpd_depth_head.py):
 
 * **official** (wl-zhao/VPD ``depth/``): ``{'model': state_dict}`` with ``encoder.{layer1,layer2,out_layer}``,
   ``encoder.{encoder_vq,unet,text_adapter,gamma,class_embeddings}``, ``decoder.*``, ``last_layer_depth.*``;
@@ -9,16 +10,19 @@ Two PyTorch layouts are read (VPD_SPEC §7):
   ``decode_head.{conv1,conv2,conv_aggregation,decoder,depth_pred_layer}``; a 28-row table (the 27 rows and
   their mean). Its VAE decoder, ``post_quant_conv`` and UNet ``out`` are present and knowingly skipped.
 
-mmseg names are first renamed to the official ones (spec §7.3), then one table maps every official tensor to
-our tree: ``params`` (``unet``, ``vae``, ``head``, ``text_adapter``, ``gamma``), ``batch_stats`` (the BN running
-statistics) and ``constants/class_embeddings`` (always 28 rows: a 27-row table gets its mean appended, which
-is what mmseg does; row 27 is the "unknown scene" row). The UNet and the VAE go through the CompVis ->
-diffusers renames and the diffusers -> Flax layouts of ``vpd_jax.weights.diffusers``. Every source tensor is
-either used or on the list of knowingly skipped ones; anything else fails the conversion, naming the keys.
+mmseg names are first renamed to the official ones (``MMSEG_RENAMES``: mmseg/models/backbones/vpd.py and
+mmseg/models/decode_heads/vpd_depth_head.py against wl-zhao/VPD depth/models_depth/model.py), then one table
+maps every official tensor to our tree: ``params`` (``unet``, ``vae``, ``head``, ``text_adapter``, ``gamma``),
+``batch_stats`` (the BN running statistics) and ``constants/class_embeddings`` (always 28 rows: a 27-row table
+gets its mean appended, which is what mmseg does; row 27 is the "unknown scene" row). The UNet and the VAE go
+through the CompVis -> diffusers renames and the diffusers -> Flax layouts of ``vpd_jax.weights.diffusers``.
+Every source tensor is either used or on the list of knowingly skipped ones; anything else fails the
+conversion, naming the keys.
 
 A converted checkpoint is a folder: ``config.json`` (the ``VPDConfig`` and where the weights came from) and
-``variables/`` (an orbax PyTree checkpoint of ``{params, batch_stats, constants}``). ``load_vpd_checkpoint``
-reads that folder or converts a PyTorch file on the fly.
+``variables/`` (an orbax PyTree checkpoint of ``{params, batch_stats, constants}``).
+``vpd_jax.weights.loader.load_model``
+reads that folder, or converts a PyTorch file on the fly.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
+from vpd_jax.weights import diffusers as dw
 from vpd_jax.weights.common import WeightsError, check_tree, conv_kernel, dense_kernel, flatten, read_tensors, unflatten
 
 FORMATS = ("official", "mmseg")
@@ -100,7 +106,9 @@ def head_layout(num_deconv: int = 3) -> list[tuple[str, str, str]]:
     return rows
 
 
-# mmseg -> official module-name prefixes (spec §7.3); the first match wins, so longer prefixes come first.
+# mmseg -> official module-name prefixes (mmseg/models/backbones/vpd.py and
+# mmseg/models/decode_heads/vpd_depth_head.py against wl-zhao/VPD depth/models_depth/model.py); the first match
+# wins, so longer prefixes come first.
 MMSEG_RENAMES: tuple[tuple[str, str], ...] = (
     ("decode_head.conv1.", "encoder.layer1."),
     ("decode_head.conv2.", "encoder.layer2.0."),
@@ -155,7 +163,9 @@ def detect_format(state: Mapping[str, Any]) -> str | None:
 
 
 def to_official_names(state: Mapping[str, Any], fmt: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensors under official names, official name -> name in the file). mmseg renames by spec §7.3."""
+    """(tensors under official names, official name -> name in the file). mmseg renames by ``MMSEG_RENAMES``
+    (mmseg/models/backbones/vpd.py, mmseg/models/decode_heads/vpd_depth_head.py -> wl-zhao/VPD
+    depth/models_depth/model.py)."""
     if fmt == "official":
         return dict(state), {k: k for k in state}
     if fmt != "mmseg":
@@ -195,9 +205,6 @@ def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None, heads: An
     are kept); otherwise the SD UNet/VAE architecture is inferred as ``vpd_jax.weights.diffusers`` does for
     CompVis files (8 heads for a 768-wide context, i.e. SD 1.x).
     """
-    from vpd_jax.models.vpd import VPDConfig
-    from vpd_jax.weights import diffusers as dw
-
     if base is not None:
         return base
     try:
@@ -233,9 +240,6 @@ def convert_state_dict(state: Mapping[str, Any], config: Any = None, fmt: str = 
     BN ``num_batches_tracked``); otherwise one ``WeightsError`` names the first unmatched keys. The result is
     checked leaf by leaf against the model's variable shapes.
     """
-    from vpd_jax.models.vpd import VPDDepth, abstract_variables, with_unknown_row
-    from vpd_jax.weights import diffusers as dw
-
     detected = detect_format(state)
     if fmt == "auto":
         if detected is None:
@@ -398,7 +402,8 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | Non
     meta = {
         "config": conv.config.to_dict(),
         "source": {"file": conv.source, "format": conv.format,
-                   # the filename-to-class rule that the source repo trained with (VPD_SPEC §2.2)
+                   # the filename-to-class rule that the source repo trained with (wl-zhao/VPD
+                   # depth/dataset/nyudepthv2.py or mmsegmentation mmseg/datasets/nyu.py)
                    "class_rule": conv.format,
                    "skipped": summarise_skipped(conv.skipped)},
     }
@@ -445,8 +450,6 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     """
     import orbax.checkpoint as ocp
 
-    from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
-
     p = pathlib.Path(path).expanduser()
     if not is_converted_dir(p):
         raise WeightsError(f"{p}: not a converted VPD checkpoint (expected {CONFIG_FILE} and {VARIABLES_DIR}/)")
@@ -466,31 +469,6 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
 def check_shapes(abstract: Mapping[str, Any], variables: Mapping[str, Any], what: str) -> None:
     """One ``WeightsError`` naming every leaf of ``variables`` missing, unexpected or mis-shaped for ``abstract``."""
     check_tree(abstract, variables, what)
-
-
-def load_vpd_checkpoint(path: str | os.PathLike, config: Any = None, fmt: str = "auto", *,
-                        model_overrides: Mapping[str, Any] | None = None):
-    """``(model, variables, class_embeddings, config)`` from a converted folder or a released PyTorch file.
-
-    ``path``: a folder written by ``python -m vpd_jax.tools.convert`` (or ``save_converted``), or an official /
-    mmseg ``.pth`` converted on the fly. ``config``: only for PyTorch files, as in ``convert_state_dict``.
-    ``model_overrides``: ``VPDConfig`` fields that do not change the weights (``dtype``, ``attention_impl``,
-    ``remat``, ...), applied on top. ``variables`` hold host numpy arrays; ``class_embeddings`` is the
-    (num_classes + 1, text_dim) table also found at ``variables['constants']['class_embeddings']``.
-    """
-    from vpd_jax.models.vpd import VPDDepth
-
-    p = pathlib.Path(path).expanduser()
-    if p.is_dir():
-        variables, cfg = load_converted(p)
-    elif p.is_file():
-        conv = convert_file(p, config, fmt)
-        cfg, variables = conv.config, conv.variables
-    else:
-        raise WeightsError(f"{p}: no such file or folder")
-    if model_overrides:
-        cfg = cfg.replace(**dict(model_overrides))
-    return VPDDepth(cfg), variables, variables["constants"]["class_embeddings"], cfg
 
 
 def _tree_map(fn: Callable, tree):

@@ -13,7 +13,7 @@
   ``ForceDefaultOptimWrapperConstructor`` and mmengine's ``LinearLR`` / mmseg's ``PolyLRRatio`` / ``ConstantLR``
   (begin/end rescaled to a short run), stepped once per iteration as mmengine's ``ParamSchedulerHook`` does.
 
-The backbone of both is diffusers' PyTorch UNet and VAE (``torch_reference.TorchVPD``). ``MISTAKES`` are seeded
+The backbone of both is diffusers' PyTorch UNet and VAE (``reference.torch_vpd.TorchVPD``). ``MISTAKES`` are seeded
 errors a parity test must catch.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn as tnn
 
-from torch_reference import TorchVPD
+from reference.torch_vpd import TorchVPD
 
 # Seeded mistakes of the official recipe (each must make a parity test fail).
 MISTAKES = ("wrong_decay_rule", "no_unet_lr_scale", "frozen_text_adapter", "schedule_off_by_one")

@@ -5,6 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+
+from vpd_jax import parallel
+from vpd_jax.errors import UserError
 
 
 def setup_jax(config=None) -> None:
@@ -13,11 +21,6 @@ def setup_jax(config=None) -> None:
     On CPU, jax's partitionable threefry makes each random call compile for ~15 s; VPD draws no random numbers
     in the step (no dropout), so the classic threefry is used there. Results on GPU/TPU are unaffected.
     """
-    import jax
-    from absl import logging as absl_logging
-
-    from vpd_jax import parallel
-
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds INFO lines would bury the training log
 
     parallel.initialize_distributed()
@@ -36,12 +39,7 @@ def setup_jax(config=None) -> None:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from vpd_jax.data.catalog import DatasetNotFoundError
-    from vpd_jax.training.checkpoint import CheckpointError
-    from vpd_jax.training.trainer import ConfigError, NonFiniteError
-    from vpd_jax.weights.common import WeightsError
-
-    return (DatasetNotFoundError, CheckpointError, ConfigError, NonFiniteError, WeightsError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 DEBUG_ENV = "VPD_DEBUG"
@@ -55,8 +53,6 @@ def debug() -> bool:
 def report(e: BaseException, code: int) -> None:
     """One ``error: ...`` line on stderr (the traceback too under ``VPD_DEBUG=1``), then exit with ``code``."""
     if debug():
-        import traceback
-
         traceback.print_exception(e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -74,8 +70,6 @@ def user_errors():
 
 def run(main) -> None:
     """``absl.app.run(main)`` where a bad flag or ``--config.field`` override (a typo) is one line, not a traceback."""
-    from absl import app, flags
-
     def parse(argv):
         try:
             return flags.FLAGS(argv)

@@ -4,12 +4,12 @@
   ``encoder.layer2``, ``encoder.out_layer``), ``Decoder`` and ``last_layer_depth``, with the official module
   names, so their ``state_dict`` is the released checkpoint's head; ``TorchTextAdapter`` (``TextAdapterDepth``).
 * ``TorchVPD``: diffusers' PyTorch ``UNet2DConditionModel`` and ``AutoencoderKL`` with forward hooks on the up
-  blocks for VPD's four maps, the head and the adapter, at any SD-structured config (``TINY``: 32-wide levels;
+  blocks for VPD's four maps, the head and the adapter, at any SD-structured config (``TINY``: levels 64 to 128 wide;
   ``WIDE``: every level at least 64 wide, so that each norm group holds more than one channel and every tensor
   moves the output). ``official_state`` / ``mmseg_state`` write it in the two released layouts.
 * Helpers: ``randomize_`` (weights at scales that keep activations O(1)), layout conversions and ``maxdiff``.
 
-Test files import this module; none imports another test file.
+Tests and benchmarks import this module; no test file imports another.
 """
 
 from __future__ import annotations
@@ -335,7 +335,8 @@ def _diffusers_names_from_ldm(ldm_keys: dict[str, np.ndarray], unet: dict) -> di
     from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint
 
     names = sorted(ldm_keys) + [f"out.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
-    tagged = {"model.diffusion_model." + k: torch.full((1,), float(i), dtype=torch.float64) for i, k in enumerate(names)}
+    tagged = {"model.diffusion_model." + k: torch.full((1,), float(i), dtype=torch.float64)
+              for i, k in enumerate(names)}
     config = {"layers_per_block": unet["layers_per_block"], "class_embed_type": None, "addition_embed_type": None}
     out = convert_ldm_unet_checkpoint(tagged, config)
     return {k: names[int(v.reshape(-1)[0])] for k, v in out.items()}

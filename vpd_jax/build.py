@@ -1,0 +1,246 @@
+"""The one place a config becomes objects: model, variables, optimizer and schedule, data, loss and train step.
+
+``train.py`` (through ``vpd_jax.training.trainer``), ``eval.py`` (through ``vpd_jax.evaluate``), the benchmarks and
+the tests all build from a config here, so "the step as train.py builds it" holds by construction. A config
+value that cannot work raises ``ConfigError`` (one line at the entry points).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vpd_jax import parallel
+from vpd_jax.data.augment import AugmentConfig
+from vpd_jax.data.loader import make_eval_loader, make_train_loader
+from vpd_jax.errors import ConfigError
+from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
+from vpd_jax.training import initialize
+from vpd_jax.training import step as S
+from vpd_jax.training.losses import silog_loss
+from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
+from vpd_jax.training.schedules import make_schedule
+from vpd_jax.training.step import TrainState
+from vpd_jax.weights.loader import load_model
+
+log = logging.getLogger("vpd_jax.train")
+
+def model_config(cfg):
+    """The ``VPDConfig`` of ``cfg.model``."""
+    try:
+        return VPDConfig.from_training(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_schedule(cfg):
+    o = cfg.optimizer
+    if o.schedule == "official":
+        return make_schedule("official", max_lr=o.max_lr, min_lr=o.min_lr, iters_per_epoch=o.iters_per_epoch,
+                             epochs=o.epochs)
+    if o.schedule == "mmseg":
+        return make_schedule("mmseg", base_lr=o.max_lr, warmup_start_factor=o.warmup_start_factor,
+                             warmup_end=o.warmup_steps, decay_end=o.decay_steps, eta_min_ratio=o.eta_min_ratio)
+    if o.schedule == "constant":
+        return make_schedule("constant", value=o.max_lr)
+    raise ConfigError(f"optimizer.schedule {o.schedule!r} is not one of 'official', 'mmseg', 'constant'")
+
+
+def build_optimizer(cfg):
+    """``(tx, schedule, rules)``."""
+    o = cfg.optimizer
+    rules = ParamRules(lr_multipliers=((r"^unet(/|$)", float(o.unet_lr_mult)),), no_decay=o.no_decay)
+    schedule = build_schedule(cfg)
+    return adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, rules=rules), schedule, rules
+
+
+def augment_config(cfg):
+    presets = {"official_480": AugmentConfig.official_480, "mmseg_480": AugmentConfig.mmseg_480,
+               "mmseg_512": AugmentConfig.mmseg_512, "none": AugmentConfig.none}
+    if cfg.aug.preset not in presets:
+        raise ConfigError(f"aug.preset {cfg.aug.preset!r} is not one of {sorted(presets)}")
+    aug = presets[cfg.aug.preset]()
+    crop = tuple(cfg.aug.crop_size) if cfg.aug.crop_size else None
+    return dataclasses.replace(aug, crop_size=crop, max_depth=float(cfg.model.max_depth))
+
+
+def train_loader(cfg, process_index: int | None = None, process_count: int | None = None):
+    """The training batch stream of ``cfg`` for this process (``jax.process_index()`` of ``process_count``)."""
+    return make_train_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.train_split,
+                             global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, aug=augment_config(cfg),
+                             process_index=jax.process_index() if process_index is None else process_index,
+                             process_count=jax.process_count() if process_count is None else process_count,
+                             worker_count=cfg.worker_count, class_rule=cfg.class_rule)
+
+
+def class_table(cfg, abstract_constants) -> dict:
+    """``constants`` (the class-embedding table): from ``cfg.class_embeddings`` (.npy) or zeros."""
+    shape = abstract_constants["class_embeddings"].shape
+    if not cfg.class_embeddings:
+        return {"class_embeddings": np.zeros(shape, np.float32)}
+    if not os.path.isfile(cfg.class_embeddings):
+        raise ConfigError(f"class_embeddings: no such file {cfg.class_embeddings}")
+    table = with_unknown_row(np.load(cfg.class_embeddings), shape[0] - 1)
+    if table.shape != tuple(shape):
+        raise ConfigError(f"class_embeddings {cfg.class_embeddings}: table {table.shape}, model needs {shape}")
+    return {"class_embeddings": table}
+
+
+def check_config(cfg, num_devices: int) -> None:
+    t = cfg.train
+    if t.global_batch_size % (t.num_microbatches * t.group_size):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of num_microbatches "
+                          f"{t.num_microbatches} x group_size {t.group_size}")
+    if t.global_batch_size % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} does not split over "
+                          f"{jax.process_count()} processes")
+    micro = t.global_batch_size // t.num_microbatches
+    if micro % num_devices:
+        raise ConfigError(f"micro-batch {micro} (global_batch_size / num_microbatches) does not split over "
+                          f"{num_devices} devices")
+    if t.loss not in ("official", "mmseg"):
+        raise ConfigError(f"train.loss {t.loss!r} is not 'official' or 'mmseg'")
+    if t.state_layout not in ("default", "auto"):
+        raise ConfigError(f"train.state_layout {t.state_layout!r} is not 'default' or 'auto'")
+
+
+def make_loss_fn(model, cfg, constants):
+    kind, lambd = cfg.train.loss, float(cfg.train.silog_lambda)
+
+    def loss_fn(params, batch_stats, batch, rng):
+        del rng  # no dropout anywhere in VPD
+        pred, updates = model.apply({"params": params, "batch_stats": batch_stats, "constants": constants},
+                                    batch["image"], batch["class_id"], train=True, mutable=["batch_stats"])
+        loss = silog_loss(pred, batch["depth"], kind, lambd=lambd)
+        return loss, (updates["batch_stats"], {})
+
+    return loss_fn
+
+
+def abstract_train_state(abstract_vars, tx, mesh):
+    """``(abstract TrainState, shardings)`` from abstract variables, without allocating anything."""
+    def _init(params, batch_stats):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32))
+
+    abstract = jax.eval_shape(_init, abstract_vars["params"], abstract_vars.get("batch_stats", {}))
+    shardings = parallel.state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def check_architecture(source, config, cfg) -> None:
+    """``init_from``'s architecture must be the config's (``model.size``): else one error naming the differences."""
+    src, want = source.architecture(), config.architecture()
+    if src == want:
+        return
+    diff = [k for k in want if src[k] != want[k]]
+    size = source.architecture_size()
+    hint = f"; use --config.model.size={size}" if size else ""
+    raise ConfigError(f"init_from {cfg.init_from}: its architecture ({size or 'no preset'}) is not model.size "
+                      f"{cfg.model.size!r}'s (differs in {', '.join(diff)}){hint}")
+
+
+def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]:
+    """``(variables, constants, notes)`` a fresh run starts from, ``notes`` saying where they came from.
+
+    ``init_from``: a whole trained VPD (every weight, the BatchNorm statistics and the class table; an explicit
+    ``class_embeddings`` replaces its table). Otherwise the head, text adapter and gamma start random (the
+    references' initialisation), the UNet and VAE from ``pretrained``, the class table from ``class_embeddings``.
+    Missing SD weights or class table are an error unless ``allow_random_init`` (then said loudly).
+    """
+    if cfg.init_from and (cfg.pretrained or cfg.pretrained_vae):
+        raise ConfigError("give --config.init_from or --config.pretrained(_vae), not both: init_from brings its own "
+                          "Stable Diffusion weights")
+    if cfg.init_from:
+        # A PyTorch file is read into the run's architecture (group and head counts are not in its tensors).
+        loaded = load_model(cfg.init_from, config=model.config.replace(dtype="float32", remat=False))
+        check_architecture(loaded.config, model.config, cfg)
+        variables = {"params": loaded.variables["params"], "batch_stats": loaded.variables["batch_stats"]}
+        notes = [f"weights, BatchNorm statistics and class table from {loaded.description}"]
+        constants = dict(loaded.variables["constants"])
+        if cfg.class_embeddings:
+            constants = class_table(cfg, abstract_vars["constants"])
+            notes.append(f"class table replaced by {cfg.class_embeddings}")
+        return variables, constants, notes
+    missing = []
+    if not cfg.pretrained:
+        missing.append("--config.pretrained (Stable Diffusion weights)")
+    if not cfg.class_embeddings:
+        missing.append("--config.class_embeddings (the CLIP scene table)")
+    if missing and not cfg.allow_random_init:
+        raise ConfigError(f"{' and '.join(missing)} not given, nor --config.init_from (a trained VPD); "
+                          "--config.allow_random_init=True trains without them, for experiments only")
+    variables = initialize.random_variables(model, cfg.seed, cfg.model.init)
+    notes = [f"head, text adapter and gamma: random ({cfg.model.init} init, the references' distributions)"]
+    if cfg.pretrained:
+        log.info("loading Stable Diffusion weights from %s", cfg.pretrained)
+        variables = initialize.with_pretrained(variables, model, cfg.pretrained)
+        notes.append(f"UNet and VAE from {cfg.pretrained}")
+    if cfg.pretrained_vae:
+        variables = initialize.with_pretrained_vae(variables, model, cfg.pretrained_vae)
+        notes.append(f"VAE from {cfg.pretrained_vae}")
+    if not cfg.pretrained:
+        notes.append(f"WARNING: UNet{'' if cfg.pretrained_vae else ' and VAE'} random (no --config.pretrained; "
+                     "allow_random_init)")
+    if not cfg.class_embeddings:
+        notes.append("WARNING: class table all zeros, every scene gets the same context (no "
+                     "--config.class_embeddings; allow_random_init)")
+    return variables, class_table(cfg, abstract_vars["constants"]), notes
+
+
+def build_model(cfg) -> VPDDepth:
+    """The ``VPDDepth`` of ``cfg.model``."""
+    return VPDDepth(model_config(cfg))
+
+
+def eval_loader(cfg, batch_size: int | None = None):
+    """The test-split batches of ``cfg`` for this process."""
+    return make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split,
+                            batch_size=int(batch_size or cfg.eval.batch_size), process_index=jax.process_index(),
+                            process_count=jax.process_count(), class_rule=cfg.class_rule)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything about a run's train step that needs no weights: its shapes, shardings and optimizer."""
+
+    model: VPDDepth
+    tx: Any
+    schedule: Any
+    rules: ParamRules
+    abstract_vars: dict
+    abstract_state: Any
+    shardings: Any
+
+
+def train_setup(cfg, mesh) -> TrainSetup:
+    """The model, optimizer and abstract (sharded) train state of ``cfg`` on ``mesh``; nothing allocated."""
+    model = build_model(cfg)
+    tx, schedule, rules = build_optimizer(cfg)
+    abstract_vars = abstract_variables(model)
+    abstract_state, shardings = abstract_train_state(abstract_vars, tx, mesh)
+    return TrainSetup(model, tx, schedule, rules, abstract_vars, abstract_state, shardings)
+
+
+def train_step(cfg, setup: TrainSetup, mesh, constants):
+    """The jitted (not yet compiled) train step of ``cfg``: loss, groups, frozen VAE, microbatches, BatchNorm
+    groups and state layout as the config says."""
+    t = cfg.train
+    return S.make_train_step(make_loss_fn(setup.model, cfg, constants), setup.tx, mesh, setup.shardings,
+                             num_microbatches=t.num_microbatches, group_size=t.group_size, schedule=setup.schedule,
+                             trainable=trainable_mask(setup.abstract_vars["params"], setup.rules),
+                             bn_reduce=t.bn_reduce, state_layout=t.state_layout)
+
+
+def abstract_batch(cfg, mesh, example: dict) -> dict:
+    """The global batch's shapes (sharded over the mesh's batch axes) from one host batch or one example."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((cfg.train.global_batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
+                                       sharding=parallel.batch_sharding(mesh)), example)
