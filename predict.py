@@ -3,7 +3,7 @@
 
     python predict.py --checkpoint checkpoints/vpd_nyu --input photos/ --output depth/ --npy --colorbar --ply
 
-See ``python predict.py --help`` and ``vpd_jax/inference.py`` (the logic, and the ``Predictor`` Python API).
+See ``python predict.py --help`` and ``vpd_jax/inference/`` (the logic, and the ``Predictor`` Python API).
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("USE_TF", "0")  # transformers (for --prompt) must not pull in TensorFlow
 
-from vpd_jax.inference import main  # noqa: E402
+from vpd_jax.inference.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

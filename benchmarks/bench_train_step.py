@@ -103,17 +103,17 @@ def _model_flops(batch, size, dtype, model_size) -> float:
     import jax
 
     from vpd_jax.build import abstract_train_state
+    from vpd_jax.training import step as S
 
     model, mesh, tx, abstract, make_step = _jax_setup(batch, dtype, False, "xla", model_size)
     state_abs, shardings = abstract_train_state(abstract, tx, mesh)
     step_fn = make_step(shardings)
     b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch_np(batch, size))
     lowered = step_fn.lower(state_abs, b)
-    ca = lowered.cost_analysis()
-    if not ca:  # jax 0.11 on GPUs returns None before compilation: count on the compiled step instead
-        ca = lowered.compile().cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float((ca or {}).get("flops", float("nan")))
+    flops = S.step_flops(lowered)
+    if flops is None:  # jax 0.11 on GPUs gives none before compilation: count on the compiled step instead
+        flops = S.step_flops(lowered.compile())
+    return float("nan") if flops is None else flops
 
 
 def _kernel_table(trace_dir: str, steps: int, top: int = 25, sources: dict | None = None) -> tuple[str, dict]:

@@ -103,8 +103,7 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     ma = compiled.memory_analysis()
     args, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                               ma.temp_size_in_bytes)
-    ca = compiled.cost_analysis()
-    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}  # None from a deviceless GPU compile
+    ca = S.cost_analysis(compiled)  # {} from a deviceless GPU compile
     return {"args": args / GiB, "temp": temp / GiB, "total": (args + out - alias + temp) / GiB,
             "compile_s": secs, "tflop": float(ca.get("flops", float("nan"))) / 1e12,  # already per device
             "kernels": kernels, "mem_bound": mem_bound / GiB}

@@ -23,12 +23,12 @@ transformers = pytest.importorskip("transformers")
 
 from reference.torch_clip import tiny_config, torch_text_model, write_tokenizer  # noqa: E402
 from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, pooled_token_index  # noqa: E402
+from vpd_jax.models.vpd import with_unknown_row  # noqa: E402
 from vpd_jax.scenes import NYU_CLASSES  # noqa: E402
 from vpd_jax.text import (  # noqa: E402
     IMAGENET_TEMPLATES,
     TextEncoder,
     scene_embedding,
-    with_mean_row,
 )
 from vpd_jax.weights.clip import load_clip_text  # noqa: E402
 from vpd_jax.weights.common import WeightsError  # noqa: E402
@@ -289,7 +289,7 @@ def test_text_encoder_embed(tiny):
 
 def test_scene_embedding():
     table = np.arange(27 * 4, dtype=np.float32).reshape(27, 4)
-    full = with_mean_row(table)
+    full = with_unknown_row(table)
     assert full.shape == (28, 4)
     np.testing.assert_allclose(full[27], table.mean(0))
     np.testing.assert_array_equal(scene_embedding(table, "kitchen"), table[6])
@@ -316,7 +316,7 @@ def test_class_embeddings_tool(tiny, tmp_path):
     from vpd_jax.tools.class_embeddings import load_table, main, save_table
 
     src = tiny["dirs"]["safetensors"]
-    assert main(["--clip", str(src), "--out", str(tmp_path / "t28.pth"), "--with-mean"]) == 0
+    assert main(["--clip", str(src), "--out", str(tmp_path / "t28.pth"), "--with_mean"]) == 0
     t28 = torch.load(tmp_path / "t28.pth", weights_only=True).numpy()
     assert t28.shape == (28, 32) and t28.dtype == np.float32
     table = t28[:27]
@@ -339,10 +339,13 @@ def test_class_embeddings_tool(tiny, tmp_path):
     # A custom class list; the other output formats.
     (tmp_path / "classes.json").write_text(json.dumps(["kitchen", "bathroom"]))
     assert main(["--clip", str(src), "--out", str(tmp_path / "t.npy"), "--classes", str(tmp_path / "classes.json"),
-                 "--no-progress"]) == 0
+                 "--no_progress"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), table[[6, 1]])
     save_table(table, tmp_path / "t.safetensors")
     np.testing.assert_array_equal(load_table(tmp_path / "t.safetensors"), table)
+    # Usage mistakes: one line, exit 2, before any encoding.
+    assert main(["--clip", str(src), "--out", str(tmp_path / "t.txt")]) == 2
+    assert main(["--clip", str(src), "--out", str(tmp_path / "t.npy"), "--classes", str(tmp_path / "none.json")]) == 2
 
 
 def test_config_from_clip_model_dict():

@@ -334,9 +334,9 @@ def test_cli_end_to_end(ckpt_dir, images_dir, tmp_path):
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpt_dir), "--output", str(out),
            "--input", str(images_dir / "gray.bmp"), str(images_dir / "sub" / "*.tiff"), str(images_dir / "broken.jpg"),
-           "--crop", str(CROP), "--stride", str(CROP), "--batch-size", "8", "--mode", "resize", "--scene", "kitchen",
+           "--crop", str(CROP), "--stride", str(CROP), "--batch_size", "8", "--mode", "resize", "--scene", "kitchen",
            "--png16", "--npy", "--colorbar", "--ply", "--fx", "100", "--fy", "100", "--cx", "45", "--cy", "40",
-           "--no-progress"]
+           "--no_progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kitchen" in r.stderr

@@ -10,15 +10,17 @@ against the exact result of the recipe. The official run goes through ``train.py
 
 What is compared, and why these bounds (tiny model, 2-core CPU, measured):
 
-* the loss of every update: within 1.5e-6 relative for the official recipe (measured 4.2e-7) and 4e-6 for
-  mmseg's (measured 1.3e-6; its run uses a peak rate of 5e-4 instead of 1e-3, where 5 updates already grow
-  rounding differences to 7.5e-6). PyTorch's own float32 run is 4e-8 (official) and up to 4.8e-4 (mmseg's
-  per-image loss) from its float64 run;
+* the loss of every update: within 1.5e-6 relative for the official recipe (measured 7.2e-7) and 4e-6 for
+  mmseg's (measured 1.7e-6; its run uses a peak rate of 5e-4 instead of 1e-3, where 5 updates already grow
+  rounding differences to 7.5e-6). PyTorch's own float32 run is 2.2e-7 (official) and 4.5e-5 (mmseg) from
+  its float64 run;
 * every trained parameter and running statistic: each element within 1e-5 of its tensor's largest magnitude,
-  except at most 6e-6 of all elements (measured: 21 and 8 of 9.6 M). Those few are Adam's sign of a gradient
-  that rounding alone decides (a first update is +-lr whatever the gradient's size); they stay below
-  2 x (sum of the learning rates) (measured 2e-5 and 3e-5). PyTorch float32 against its float64 run: 18
-  elements (official), 781,119 (mmseg);
+  except at most 3e-6 of all elements for the official recipe (measured 11 of 11.0 M, 1.0e-6) and 2.5e-4 for
+  mmseg's (measured 946, 8.6e-5: per-image SiLog over small, partly empty images is far more rounding-prone).
+  Those few are Adam's sign of a gradient that rounding alone decides (a first update is +-lr whatever the
+  gradient's size); they stay below 2 x (sum of the learning rates) (measured 2.7e-5 and 2.1e-5). PyTorch's
+  own float32 run against its float64 run, same count: 433 elements (official) and 272,680 (mmseg, 2.5% of
+  them, up to 1.5e-3 apart), so ours is the closer of the two to the exact recipe;
 * not compared: the tensors that cannot reach the output, whose gradient is zero in exact arithmetic, so that
   Adam turns PyTorch's rounding noise into updates: the cross-attention's query path (``attn2.to_q``,
   ``attn2.to_k``, ``norm2``; one context token makes its softmax exactly 1) and the decoder's conv bias with the
@@ -59,7 +61,8 @@ SIZE, BATCH, STEPS = 96, 4, 5
 LOSS_BOUND = 1.5e-6
 MMSEG_LOSS_BOUND = 4e-6
 ELEMENT_BOUND = 1e-5  # of the tensor's largest magnitude
-OUTLIER_FRACTION = 6e-6
+OUTLIER_FRACTION = 3e-6
+MMSEG_OUTLIER_FRACTION = 2.5e-4
 DEAD = ("attn2/to_q/", "attn2/to_k/", "transformer_blocks_0/norm2/", "head/decoder/conv/bias",
         "head/decoder/conv_bn/mean")
 # The run's overrides: the recipe itself, on 96x96 images, 5 updates (official: warm-up 1, decay 3, floor 1).
@@ -140,11 +143,11 @@ def compare(ours, theirs, init) -> dict:
             "worst_abs": worst_abs, "moved": moved}
 
 
-def assert_parity(result, lr_sum, loss_bound=LOSS_BOUND):
+def assert_parity(result, lr_sum, loss_bound=LOSS_BOUND, outlier_fraction=OUTLIER_FRACTION):
     print("parity:", result)
     assert result["moved"] > 5e-4, "the reference did not train"
     assert result["loss"] < loss_bound, result
-    assert result["fraction"] < OUTLIER_FRACTION, result
+    assert result["fraction"] < outlier_fraction, result
     assert result["worst_abs"] < 2 * lr_sum, result  # a flipped Adam sign moves an element by 2 lr per update
 
 
@@ -248,5 +251,6 @@ def test_mmseg_recipe_matches_mmsegmentations_own_modules(data_dir, tmp_path):
     exact_losses = T.train_mmseg(exact_ref, _batches(cfg), pad=128, fmap_border=1, warmup_end=2, decay_end=4,
                                  total=STEPS, max_lr=cfg.optimizer.max_lr)
     result = compare(ours, (exact_losses, _variables(exact_ref)), init)
-    assert_parity(result, _lr_sum(build.build_schedule(cfg)), loss_bound=MMSEG_LOSS_BOUND)
+    assert_parity(result, _lr_sum(build.build_schedule(cfg)), loss_bound=MMSEG_LOSS_BOUND,
+                  outlier_fraction=MMSEG_OUTLIER_FRACTION)
     assert_unchanged_where_frozen(ours[1], init, dead_too=False)

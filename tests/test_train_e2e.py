@@ -250,3 +250,45 @@ def test_two_processes_train_like_one(full_run, data_dir, tmp_path):
     assert np.median(diffs) < 5e-4 and max(diffs) < 1e-2, sorted(diffs)[-5:]
     evals = [json.loads((d / "eval" / f"step_{TOTAL}.json").read_text()) for d in (full_run[0], wd)]
     assert abs(evals[0]["metrics"]["rmse"] - evals[1]["metrics"]["rmse"]) < 1e-4
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+    """Truncate (or delete) the array files of a checkpoint, as a failing disk or an interrupted copy does."""
+    data = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data, f"no array files under {step_dir}"
+    for p in data:
+        if how == "truncate":
+            with open(p, "r+b") as f:
+                f.truncate(p.stat().st_size // 2)
+        else:
+            p.unlink()
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_older(full_run, data_dir, tmp_path):
+    """The newest checkpoint's arrays truncated: resuming says so in one line, sets it aside under damaged/, and
+    continues from the older checkpoint to exactly the uninterrupted run's parameters. eval.py --which=latest
+    passes over a damaged newest checkpoint (deleted arrays) the same way, changing nothing."""
+    wd = tmp_path / "wd"
+    first = [a for a in COMMON if not a.startswith("--config.train.total_steps")] + ["--config.train.total_steps=4"]
+    _run("train.py", *first, f"--config.data_dir={data_dir}", f"--workdir={wd}")
+    _damage(wd / "checkpoints" / "4", "truncate")
+    p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}")
+    lines = [line for line in p.stdout.splitlines() if "damaged" in line]
+    assert len(lines) == 1 and "checkpoint 4 is damaged" in lines[0] and "set aside" in lines[0], p.stdout
+    assert f"resumed from {wd}/checkpoints/2" in p.stdout and "Traceback" not in p.stderr
+    assert (wd / "damaged" / "checkpoints_4" / "state").is_dir()
+    step_a, params_a, _ = _final_params(full_run[0])
+    step_b, params_b, _ = _final_params(wd)
+    assert step_a == step_b == TOTAL
+    import jax
+
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    _damage(wd / "checkpoints" / str(TOTAL), "delete")
+    before = sorted(str(x) for x in wd.rglob("*"))
+    e = _run("eval.py", f"--workdir={wd}", "--which=latest", f"--output={tmp_path / 'm.json'}")
+    source = json.loads((tmp_path / "m.json").read_text())["source"]
+    assert "(latest, step 4; passed over:" in source and f"checkpoints/{TOTAL} is damaged" in source, source
+    assert "Traceback" not in e.stderr
+    assert sorted(str(x) for x in wd.rglob("*") if x.name != "m.json") == before

@@ -146,3 +146,51 @@ def test_the_toy_autoencoder_learns_and_round_trips(data_dir, tmp_path):
     assert module.config == vae
     for k, v in flatten(params).items():
         np.testing.assert_array_equal(flatten(loaded)[k], v, err_msg=k)
+
+
+def _short_demo(data_dir, total=4):
+    cfg = demo.get_config()
+    cfg.data_dir, cfg.pretrained_vae = data_dir, ""
+    cfg.aug.crop_size = (64, 64)
+    cfg.train.global_batch_size, cfg.train.group_size, cfg.train.total_steps = 4, 2, total
+    cfg.optimizer.warmup_steps, cfg.optimizer.decay_steps = 2, total
+    cfg.eval.every_steps, cfg.checkpoint.every_steps, cfg.log_every_steps = -1, 2, 1
+    cfg.checkpoint.async_save = False
+    return cfg
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_run_resumes_after(data_dir, tmp_path, monkeypatch, capsys):
+    """A save that fails with ENOSPC at step 4: one error naming the checkpoint, the cause and the newest intact
+    checkpoint (2), the traceback in workdir/errors.log; checkpoint 2 restores, and rerunning the same
+    command once the space is back resumes from it and finishes."""
+    import errno
+
+    cfg = _short_demo(data_dir)
+    wd = tmp_path / "wd"
+    real_save = C.Checkpointer.save
+
+    def full_disk(self, state, *args, **kwargs):
+        if int(jax.device_get(state.step)) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(wd / "checkpoints" / "4"))
+        return real_save(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(C.Checkpointer, "save", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        trainer.train(cfg, str(wd))
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "checkpoint 4" in msg, msg
+    assert "newest intact checkpoint is step 2" in msg and "rerun the same command" in msg, msg
+    assert "Traceback" in (wd / "errors.log").read_text()
+    assert C.latest_step(str(wd)) == 2
+    monkeypatch.setattr(C.Checkpointer, "save", real_save)  # space freed
+    capsys.readouterr()
+    summary = trainer.train(cfg, str(wd))
+    assert "resumed from" in capsys.readouterr().out
+    assert summary["step"] == 4 and C.latest_step(str(wd)) == 4
+
+
+def test_an_interrupted_run_says_so_without_an_infinite_rmse(data_dir, tmp_path, capsys):
+    cfg = _short_demo(data_dir, total=2)
+    summary = trainer.train(cfg, str(tmp_path / "wd"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary["status"] == "finished" and "no evaluation yet" in last and "inf" not in last, last

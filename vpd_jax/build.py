@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from vpd_jax import parallel
 from vpd_jax.data.augment import AugmentConfig
-from vpd_jax.data.loader import make_eval_loader, make_train_loader
+from vpd_jax.data.loader import make_eval_loader, make_train_loader, open_source
 from vpd_jax.errors import ConfigError
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
 from vpd_jax.training import initialize
@@ -244,3 +245,84 @@ def abstract_batch(cfg, mesh, example: dict) -> dict:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((cfg.train.global_batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
                                        sharding=parallel.batch_sharding(mesh)), example)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+# Numbers are checked by what a field's name says it is (a count, a size, a rate), so a new field that follows
+# the naming gets its check for free; the few fields whose meaning breaks the pattern say so here.
+_AT_LEAST = {"eval.every_steps": (-1, "a number of updates, 0 (at the end only) or -1 (never)"),
+             "checkpoint.every_steps": (0, "a number of updates, or 0 (at the end only)"),
+             "optimizer.warmup_steps": (0, "a number of updates (0: no warm-up)"),
+             "eval.max_images": (0, "a number of images (0: all)"),
+             "eval.num_pictures": (0, "a number of pictures (0: none)"),
+             "worker_count": (0, "a number of processes (0: in the main process)"),
+             "seed": (None, "any whole number")}
+_COUNT_SUFFIXES = ("_size", "_steps", "microbatches", "epochs", "iters_per_epoch", "keep", "fsdp")
+_RATE_SUFFIXES = ("_lr", "weight_decay", "_ratio", "_factor", "_lambda", "max_depth", "peak_flops_per_device",
+                  "unet_lr_mult")
+_POSITIVE = ("optimizer.max_lr", "model.max_depth", "peak_flops_per_device")
+
+
+def _flat(cfg, prefix=""):
+    for k, v in cfg.items():
+        if hasattr(v, "items"):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def config_problems(cfg) -> list[str]:
+    """Every field whose value cannot work, as "field value: what is allowed" (empty when all are fine)."""
+    bad = []
+    for name, v in _flat(cfg):
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if name in _AT_LEAST:
+                low, what = _AT_LEAST[name]
+                if low is not None and v < low:
+                    bad.append(f"{name}={v}: expected {what}")
+            elif name == "mesh.data":
+                if v == 0 or v < -1:
+                    bad.append(f"{name}={v}: expected a number of devices, or -1 (what fsdp leaves)")
+            elif leaf.endswith(_COUNT_SUFFIXES) and v < 1:
+                bad.append(f"{name}={v}: expected a whole number >= 1")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                bad.append(f"{name}={v}: expected a finite number")
+            elif name in _POSITIVE and v <= 0:
+                bad.append(f"{name}={v}: expected a number > 0")
+            elif leaf in ("b1", "b2") and not 0 <= v < 1:
+                bad.append(f"{name}={v}: expected a number in [0, 1)")
+            elif leaf.endswith(_RATE_SUFFIXES) and v < 0:
+                bad.append(f"{name}={v}: expected a number >= 0")
+        elif isinstance(v, tuple) and leaf.endswith("_size"):
+            if v and not (len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v)):
+                bad.append(f"{name}={v}: expected (height, width) in pixels, or () for the full image")
+    o = cfg.optimizer
+    if o.schedule == "mmseg" and o.warmup_steps > o.decay_steps:
+        bad.append(f"optimizer.warmup_steps={o.warmup_steps}: expected at most optimizer.decay_steps "
+                   f"({o.decay_steps})")
+    return bad
+
+
+def validate(cfg) -> None:
+    """One ``ConfigError`` naming every bad field, before anything is built or read."""
+    bad = config_problems(cfg)
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+def train_image_shape(cfg) -> tuple[int, ...]:
+    """The (h, w, 3) of the first training image."""
+    return tuple(np.shape(open_source(cfg.data_dir, cfg.dataset, cfg.train_split)[0]["image"]))
+
+
+def check_crop_fits(cfg, image_shape: tuple[int, ...]) -> None:
+    """A training crop larger than the dataset's images would only pad them (the mmseg 512 recipe's random resize
+    is the one case where that is meant)."""
+    crop = tuple(cfg.aug.crop_size or ())
+    if crop and not augment_config(cfg).random_resize and (crop[0] > image_shape[0] or crop[1] > image_shape[1]):
+        raise ConfigError(f"aug.crop_size={crop}: larger than the {cfg.dataset} images "
+                          f"({image_shape[0]}x{image_shape[1]}); expected at most their size")

@@ -9,6 +9,10 @@ class UserError(Exception):
     """Base of the errors that a user's input, config or files caused."""
 
 
+class UsageError(UserError, ValueError):
+    """A command-line flag missing, malformed or out of range (exit code 2)."""
+
+
 class ConfigError(UserError, ValueError):
     """A config value that cannot work."""
 

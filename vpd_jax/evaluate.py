@@ -14,9 +14,10 @@ import jax
 
 from vpd_jax import build, parallel
 from vpd_jax.errors import ConfigError
-from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, write_json
+from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table
+from vpd_jax.files import write_json
 from vpd_jax.models.vpd import VPDDepth, abstract_variables
-from vpd_jax.weights.loader import load_model, restore_workdir_variables
+from vpd_jax.weights.loader import describe_restore, load_model, restore_workdir_variables
 
 
 def load_for_eval(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None):
@@ -32,13 +33,14 @@ def load_for_eval(cfg, *, workdir: str | None = None, which: str = "best", check
             variables = {**variables, "constants": build.class_table(cfg, abstract_variables(model)["constants"])}
         return model, variables, checkpoint
     config = build.model_config(cfg)
-    variables, step = restore_workdir_variables(workdir, config, which, origin="--config's model")
-    return VPDDepth(config), variables, f"{workdir} ({which}, step {step})"
+    variables, step, notes = restore_workdir_variables(workdir, config, which, origin="--config's model")
+    return VPDDepth(config), variables, describe_restore(workdir, which, step, notes)
 
 
 def evaluate_main(cfg, *, workdir: str | None = None, which: str = "best", checkpoint: str | None = None,
                   save_predictions: str | None = None, output: str | None = None, progress: bool = True) -> dict:
     """Everything ``eval.py`` does; returns ``{"metrics", "num_images", ...}`` and writes the JSON."""
+    build.validate(cfg)
     settings = EvalSettings.from_config(cfg.eval)
     loader = build.eval_loader(cfg)
     model, variables, source = load_for_eval(cfg, workdir=workdir, which=which, checkpoint=checkpoint)

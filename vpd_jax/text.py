@@ -11,8 +11,8 @@ ImageNet prompt templates; the model's text adapter turns it into the (B, 1, 768
   "a photo of a garage" can replace a table row;
 * ``class_embedding_table``: the official recipe for the (27, 768) NYU table (``python -m
   vpd_jax.tools.class_embeddings``);
-* ``with_mean_row`` / ``scene_embedding``: the 28-row table of mmseg, whose last row (the mean) stands for an
-  unknown scene.
+* ``scene_embedding``: a scene's row of a 27-row table or of mmseg's 28-row one (``with_unknown_row`` in
+  ``vpd_jax.models.vpd`` appends the mean row, which stands for an unknown scene).
 
 Only numpy is imported at module level; jax, the model and transformers are loaded when an encoder is made.
 """
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax.models.vpd import with_unknown_row
 from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES, UNKNOWN_CLASS, class_id_from_name
 from vpd_jax.weights.clip import load_clip_text, load_clip_tokenizer
 
@@ -219,31 +220,25 @@ def class_embedding_table(encoder: TextEncoder, class_names: Iterable[str] = NYU
     it = progress(names) if progress is not None else names
     rows = [encoder.embed_templates(class_prompt_name(n), templates) for n in it]
     table = np.stack(rows).astype(np.float32)
-    return with_mean_row(table) if with_mean else table
+    return with_unknown_row(table, len(table)) if with_mean else table
 
 
-def with_mean_row(table: np.ndarray) -> np.ndarray:
-    """(C, D) -> (C+1, D) with the mean row appended, as mmseg's ``cat([E, E.mean(0, keepdim=True)])``."""
-    table = np.asarray(table)
-    return np.concatenate([table, table.mean(axis=0, keepdims=True)], axis=0)
-
-
-def scene_embedding(table: np.ndarray, scene: int | str | None) -> np.ndarray:
-    """The (D,) embedding of one scene in a 27- or 28-row table.
+def scene_embedding(table: np.ndarray, scene: int | str | None, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """The (D,) embedding of one scene in a ``num_classes``- or ``num_classes + 1``-row table.
 
     ``scene`` is a class id, a class name (``"kitchen"``), or None / -1 / ``UNKNOWN_CLASS`` for an unknown
-    scene, which gives the mean row (row 27 of a 28-row table, or the mean of a 27-row one).
+    scene, which gives the mean row (the last row of a table that has it, else the mean of the rows).
     """
     table = np.asarray(table)
-    if table.ndim != 2 or table.shape[0] not in (NUM_CLASSES, NUM_CLASSES + 1):
-        raise ValueError(f"expected a ({NUM_CLASSES} or {NUM_CLASSES + 1}, D) class-embedding table, "
+    if table.ndim != 2 or table.shape[0] not in (num_classes, num_classes + 1):
+        raise ValueError(f"expected a ({num_classes} or {num_classes + 1}, D) class-embedding table, "
                          f"got shape {table.shape}")
     if isinstance(scene, str):
         scene = class_id_from_name(scene)
     if scene is None or scene in (-1, UNKNOWN_CLASS):
-        return table[UNKNOWN_CLASS] if table.shape[0] > NUM_CLASSES else table.mean(axis=0)
-    if not 0 <= int(scene) < NUM_CLASSES:
-        raise ValueError(f"scene id {scene} is out of range [0, {NUM_CLASSES}) (use -1 for unknown)")
+        return table[num_classes] if table.shape[0] > num_classes else table.mean(axis=0)
+    if not 0 <= int(scene) < num_classes:
+        raise ValueError(f"scene id {scene} is out of range [0, {num_classes}) (use -1 for unknown)")
     return table[int(scene)]
 
 

@@ -15,13 +15,13 @@ colormaps and tick placement) is imported on first use.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from vpd_jax.files import atomic_path
 
 # NYU Depth v2 Kinect colour intrinsics at 640x480 (the values of the NYU toolbox and both VPD repos' loaders).
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)  # fx, fy, cx, cy
@@ -31,25 +31,6 @@ DEFAULT_CMAP = "turbo"
 
 
 # ------------------------------------------------------------------------------------------- files
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary path next to ``path`` (same suffix); on success it is renamed onto ``path``.
-
-    On an exception the temporary file is removed and ``path`` keeps whatever it held before.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
 
 def save_npy(path: str | os.PathLike, depth_m) -> pathlib.Path:
     """float32 metres as ``.npy`` (atomic)."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from vpd_jax.data import catalog
+from vpd_jax.errors import ConfigError
 from vpd_jax.data.augment import AugmentConfig, augment
 from vpd_jax.scenes import CLASS_RULES, UNKNOWN_CLASS
 
@@ -139,7 +140,8 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
     source = open_source(data_dir, dataset, split)
     n = len(source)
     if n < global_batch_size:
-        raise ValueError(f"{dataset}/{split} has {n} examples: fewer than one global batch of {global_batch_size}")
+        raise ConfigError(f"train.global_batch_size={global_batch_size}: {dataset}/{split} has only {n} examples; "
+                          "expected at most that many")
     order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
     steps = len(order) // global_batch_size  # drop_remainder over the whole (global) stream
     transform = _TrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size,

@@ -21,6 +21,9 @@ import argparse
 import os
 import sys
 
+from absl import logging
+
+from vpd_jax.console import ArgumentParser, run_tool, say_error
 from vpd_jax.data import builder, sources
 
 
@@ -35,8 +38,7 @@ def _size(text: str) -> tuple[int, int] | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth"])
     p.add_argument("--data_dir", required=True, help="where prepared datasets live (the loaders' data_dir)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad pair instead of skipping it")
@@ -126,10 +128,8 @@ def split_plan(args) -> tuple[dict, dict]:
     return plan, sizes
 
 
-def main(argv=None) -> int:
+def prepare(argv=None) -> int:
     args = parse_args(argv)
-    from absl import logging
-
     # TFDS' INFO lines name the staging directory, which would only confuse; our bars and summary say it all.
     logging.set_verbosity(logging.WARNING)
     try:
@@ -143,12 +143,17 @@ def main(argv=None) -> int:
     except builder.StrictStop as e:
         print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, sources.BadInput) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, sources.BadInput) as e:  # a missing file is reported by run_tool
+        say_error(e)
         return 1
     written = ", ".join(f"{k} {v}" for k, v in report.written.items())
     print(f"prepared nyu_vpd/{args.source} at {path}: {written} examples; skipped {len(report.skipped)} bad pairs")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m vpd_jax.data.prepare`` / ``vpd-prepare``: exit 0, 1 (unreadable or missing input) or 2."""
+    return run_tool(prepare, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ host returns the result.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -196,13 +195,6 @@ def format_table(rows: dict[str, dict[str, float]], names=M.METRIC_NAMES) -> str
         lines.append(f"{label:<{label_w}} " + " ".join(
             f"{m.get(n, math.nan):>9.4f}" for n in names))
     return "\n".join(lines)
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------- pictures

@@ -106,24 +106,37 @@ def slide_flip_predict(
     y_starts: Sequence[int],
     x_starts: Sequence[int],
     flip: bool = True,
+    one_call: bool = False,
 ):
-    """Windows at every (y, x) start, each flip-averaged, summed into a canvas and divided by overlap."""
+    """Windows at every (y, x) start, each flip-averaged, summed into a canvas and divided by overlap.
+
+    The one sliding-window implementation, for evaluation and for ``vpd_jax.inference.Predictor``. Per window,
+    ``predict_fn`` sees the window and its mirror image as one batch (2B rows). ``one_call=True`` gives it every
+    window at once instead (spot-major, then the mirrors: (2 x windows x B) rows), for a caller that batches
+    and chunks on its own; the result is the same.
+    """
     images = jnp.asarray(images)
     class_ids = jnp.asarray(class_ids)
     b, h, w = images.shape[:3]
     ch, cw = crop
-    canvas = None
+    spots = [(y, x) for y in y_starts for x in x_starts]
     count = np.zeros((h, w), np.float32)
-    for y in y_starts:
-        for x in x_starts:
-            pred = _flip_averaged(predict_fn, images[:, y : y + ch, x : x + cw], class_ids, flip)
-            pred = pred.astype(jnp.float32)
-            if canvas is None:
-                canvas = jnp.zeros((b, h, w), jnp.float32)
-            canvas = canvas.at[:, y : y + ch, x : x + cw].add(pred)
-            count[y : y + ch, x : x + cw] += 1
+    for y, x in spots:
+        count[y : y + ch, x : x + cw] += 1
     if (count == 0).any():
         raise ValueError("the windows do not cover the image")
+    if one_call:
+        rows = [images[:, y : y + ch, x : x + cw] for y, x in spots]
+        rows += [r[:, :, ::-1] for r in rows] if flip else []
+        n = len(spots)
+        ids = jnp.concatenate([class_ids] * len(rows), 0)
+        per = jnp.asarray(predict_fn(jnp.concatenate(rows, 0), ids)).reshape(len(rows), b, ch, cw)
+        preds = [(per[i] + per[n + i, :, :, ::-1]) / 2.0 if flip else per[i] for i in range(n)]
+    else:
+        preds = [_flip_averaged(predict_fn, images[:, y : y + ch, x : x + cw], class_ids, flip) for y, x in spots]
+    canvas = jnp.zeros((b, h, w), jnp.float32)
+    for (y, x), pred in zip(spots, preds, strict=True):
+        canvas = canvas.at[:, y : y + ch, x : x + cw].add(pred.astype(jnp.float32))
     return canvas / jnp.asarray(count)
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vpd_jax.models.blocks import Downsample2D, ResnetBlock2D
 from vpd_jax.models.layers import GroupNorm, LayerNorm, attention, resize_nearest, timestep_embedding
 
 Dtype = Any
@@ -134,30 +135,6 @@ def _remat(cls, enabled: bool, policy: str | None):
 
 # ------------------------------------------------------------------------------------------- blocks
 
-class ResnetBlock2D(nn.Module):
-    """diffusers ``ResnetBlock2D`` (``time_embedding_norm='default'``, output scale 1)."""
-
-    out_channels: int
-    groups: int = 32
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb):
-        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm1")(x)
-        h = conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(nn.silu(h))
-        t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="time_emb_proj")(nn.silu(temb))
-        h = h + t[:, None, None, :]
-        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm2")(h)
-        h = conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(nn.silu(h))
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, (1, 1), padding="VALID", name="conv_shortcut")(x)
-        return x + h
-
-
 class Attention(nn.Module):
     """Multi-head attention with diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out_0``)."""
 
@@ -262,17 +239,6 @@ class Transformer2DModel(nn.Module):
         else:
             h = nn.Conv(c, (1, 1), padding="VALID", name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
         return h + residual
-
-
-class Downsample2D(nn.Module):
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="conv")(x)
 
 
 class Upsample2D(nn.Module):

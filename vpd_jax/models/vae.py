@@ -14,7 +14,6 @@ weights load unchanged. ``apply(v, images)`` takes NHWC images in [-1, 1] and re
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vpd_jax.models.blocks import Downsample2D, ResnetBlock2D
 from vpd_jax.models.layers import GroupNorm, attention
 
 Dtype = Any
@@ -71,23 +71,6 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-class _ResnetBlock(nn.Module):
-    out_channels: int
-    groups: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(nn.Conv, self.out_channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
-        h = conv(name="conv1")(nn.silu(GroupNorm(self.groups, 1e-6, name="norm1", **kw)(x)))
-        h = conv(name="conv2")(nn.silu(GroupNorm(self.groups, 1e-6, name="norm2", **kw)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), padding="VALID", name="conv_shortcut", **kw)(x)
-        return x + h
-
-
 class _AttentionBlock(nn.Module):
     """Single-head self-attention over all positions (CompVis ``AttnBlock``), scale C**-0.5."""
 
@@ -119,22 +102,10 @@ class _DownEncoderBlock(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = _ResnetBlock(self.out_channels, self.groups, name=f"resnets_{i}", **kw)(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, 1e-6, name=f"resnets_{i}", **kw)(x)
         if self.add_downsample:
-            x = _Downsample(self.out_channels, name="downsamplers_0", **kw)(x)
+            x = Downsample2D(self.out_channels, compvis_pad=True, name="downsamplers_0", **kw)(x)
         return x
-
-
-class _Downsample(nn.Module):
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # CompVis pads right/bottom only
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="conv")(x)
 
 
 class _MidBlock(nn.Module):
@@ -147,10 +118,10 @@ class _MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _ResnetBlock(self.channels, self.groups, name="resnets_0", **kw)(x)
+        x = ResnetBlock2D(self.channels, self.groups, 1e-6, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = _AttentionBlock(self.groups, name="attentions_0", **kw)(x)
-        return _ResnetBlock(self.channels, self.groups, name="resnets_1", **kw)(x)
+        return ResnetBlock2D(self.channels, self.groups, 1e-6, name="resnets_1", **kw)(x)
 
 
 class _Encoder(nn.Module):
@@ -234,7 +205,7 @@ class VAEDecoder(nn.Module):
         x = _MidBlock(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="decoder_mid_block", **kw)(x)
         for i, c in enumerate(chans):
             for j in range(cfg.layers_per_block + 1):
-                x = _ResnetBlock(c, cfg.norm_num_groups, name=f"decoder_up_blocks_{i}_resnets_{j}", **kw)(x)
+                x = ResnetBlock2D(c, cfg.norm_num_groups, 1e-6, name=f"decoder_up_blocks_{i}_resnets_{j}", **kw)(x)
             if i < len(chans) - 1:
                 x = _Upsample(c, name=f"decoder_up_blocks_{i}_upsamplers_0", **kw)(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, 1e-6, name="decoder_conv_norm_out", **kw)(x))

@@ -19,20 +19,21 @@ pass ``--config FILE.json`` holding a ``VPDConfig.to_dict()``. ``eval.py``/infer
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 
+from vpd_jax.console import ArgumentParser, run_tool
+from vpd_jax.errors import UsageError
 from vpd_jax.models.vpd import VPDConfig
 from vpd_jax.weights import vpd_checkpoint as vc
 from vpd_jax.weights.common import WeightsError, flatten
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpd_jax.tools.convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m vpd_jax.tools.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="official or mmseg VPD depth checkpoint (.pth/.ckpt/.safetensors)")
     parser.add_argument("--out", required=True, help="output folder (must not hold a converted checkpoint yet)")
     parser.add_argument("--format", choices=("auto", "official", "mmseg"), default="auto",
@@ -40,48 +41,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON file with a VPDConfig dict, for a non-SD-1.5 architecture")
     parser.add_argument("--heads", help="the UNet's attention heads (N, or one per level: N,N,N,N) when its "
                                         "context is neither SD 1.x's 768 nor SD 2.x's 1024 wide")
-    parser.add_argument("--max-depth", type=float, default=None,
+    parser.add_argument("--max_depth", type=float, default=None,
                         help="depth range of the sigmoid output in metres (default 10, the NYUv2 models')")
     parser.add_argument("--crop", type=int, default=None,
                         help="the square training crop (480 for the released NYU models, 512 for mmseg's 512 "
                              "config); recorded so that predict.py/eval.py slide windows of that size")
-    args = parser.parse_args(argv)
-    if args.crop is not None and args.crop < 32:
-        print(f"error: --crop {args.crop}: expected the training crop in pixels (e.g. 480 or 512)", file=sys.stderr)
-        return 2
+    return parser
 
+
+def convert(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.crop is not None and args.crop < 32:
+        raise UsageError(f"--crop {args.crop}: expected the training crop in pixels (e.g. 480 or 512)")
     out = pathlib.Path(args.out)
     if (out / vc.VARIABLES_DIR).exists():
-        print(f"error: {out} already holds a converted checkpoint; choose another --out", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out} already holds a converted checkpoint; choose another --out")
     config = None
     if args.config:
         try:
             config = VPDConfig.from_dict(json.loads(pathlib.Path(args.config).read_text()))
         except (OSError, ValueError, TypeError) as e:
-            print(f"error: --config {args.config}: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--config {args.config}: {e}") from e
     heads = None
     if args.heads:
         try:
             heads = tuple(int(h) for h in args.heads.split(","))
         except ValueError:
-            print(f"error: --heads {args.heads}: expected a count or counts separated by commas", file=sys.stderr)
-            return 2
+            raise UsageError(f"--heads {args.heads}: expected a count or counts separated by commas") from None
         heads = heads[0] if len(heads) == 1 else heads
     t0 = time.time()
-    try:
-        conv = vc.convert_file(args.src, config, args.format, heads=heads)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    conv = vc.convert_file(args.src, config, args.format, heads=heads)
     if args.max_depth is not None:
         conv.config = conv.config.replace(max_depth=args.max_depth)
     try:
         vc.save_converted(conv, out, crop=args.crop)
     except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
 
     n_params = sum(a.size for a in flatten(conv.variables["params"]).values())
     table = conv.variables["constants"]["class_embeddings"]
@@ -93,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  class rule of this checkpoint: {conv.format!r} (vpd_jax.scenes.class_id_for_file)")
     print(f"wrote {out}/{vc.CONFIG_FILE} and {out}/{vc.VARIABLES_DIR}/ in {time.time() - t0:.1f} s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vpd_jax.tools.convert`` / ``vpd-convert``: exit 0, 1 (the source cannot be converted) or 2."""
+    return run_tool(convert, argv)
 
 
 if __name__ == "__main__":

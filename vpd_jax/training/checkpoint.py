@@ -7,6 +7,7 @@ Layout of a workdir::
                                  meta (config, metrics)           -- the last ``keep`` of them
     workdir/best/<step>/         model (params, batch_stats, constants), meta (config, metrics)
                                  -- one: the lowest test RMSE so far (for eval.py --workdir, --which=best)
+    workdir/damaged/checkpoints_<step>/  a checkpoint that could not be read when resuming, set aside
 
 Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a killed run
 leaves the previous checkpoint intact, and asynchronous when ``async_save`` (training continues while the
@@ -23,7 +24,18 @@ import os
 import jax
 
 from vpd_jax.errors import CheckpointError
-from vpd_jax.weights.loader import BEST, BEST_ITEMS, CHECKPOINTS, STATE_ITEMS, checkpoint_steps
+from vpd_jax.weights.loader import (
+    BEST,
+    BEST_ITEMS,
+    CHECKPOINTS,
+    STATE_ITEMS,
+    abstract_shapes,
+    checkpoint_steps,
+    failure_cause,
+    stored_shapes,
+)
+
+DAMAGED = "damaged"  # workdir/damaged/checkpoints_<step>: checkpoints that could not be read, set aside
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +59,13 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
         ocp = _ocp()
         self.workdir = os.path.abspath(workdir)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                            enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: the unfinished folders of a save that failed (a full disk) go on the next start.
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                            cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS), options=opts,
                                             item_names=STATE_ITEMS)
-        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save)
+        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=True)
         self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST), options=best_opts,
                                           item_names=BEST_ITEMS)
 
@@ -128,14 +142,8 @@ def best_meta(workdir: str) -> dict | None:
         return None
 
 
-def restore_latest(workdir: str, abstract_state, abstract_constants, step: int | None = None):
-    """``(state, constants, data_state, meta)`` of the newest checkpoint (or ``step``) in ``abstract_state``'s
-    shardings, read through a read-only manager: a restore that fails leaves the workdir as it was."""
+def _restore_step(root: str, step: int, abstract_state, abstract_constants):
     ocp = _ocp()
-    root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    step = latest_step(workdir) if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {root}")
     mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                                 item_names=STATE_ITEMS)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
@@ -143,35 +151,76 @@ def restore_latest(workdir: str, abstract_state, abstract_constants, step: int |
                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     try:
         out = mgr.restore(step, args=args)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{root}/{step} does not fit this run's model/optimizer "
-            f"(another config in the same workdir?): {_short(e)}") from None
     finally:
         mgr.close()
     loader = (out.data or {}).get("loader")
     return out.state, out.constants, (loader.encode() if loader else None), dict(out.meta or {})
 
 
-def restore_best(workdir: str, abstract_model) -> tuple[dict, dict, int]:
-    """``(variables, meta, step)`` of the best-by-RMSE weights of a training workdir.
-
-    ``abstract_model``: ``{"params", "batch_stats", "constants"}`` of ShapeDtypeStructs (or arrays).
-    """
-    ocp = _ocp()
-    root = os.path.join(os.path.abspath(workdir), BEST)
-    if not os.path.isdir(root):
-        raise CheckpointError(f"no best checkpoint in {root} (training never evaluated?); try --which=latest")
-    mgr = ocp.CheckpointManager(root, item_names=("model", "meta"))
-    step = mgr.latest_step()
+def restore_latest(workdir: str, abstract_state, abstract_constants, step: int | None = None):
+    """``(state, constants, data_state, meta)`` of the newest checkpoint (or ``step``) in ``abstract_state``'s
+    shardings, read through a read-only manager: a restore that fails leaves the workdir as it was."""
+    root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    step = latest_step(workdir) if step is None else step
     if step is None:
-        raise CheckpointError(f"no best checkpoint in {root} (training never evaluated?); try --which=latest")
-    args = ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(abstract_model)), meta=ocp.args.JsonRestore())
+        raise CheckpointError(f"no checkpoint in {root}")
     try:
-        out = mgr.restore(step, args=args)
+        return _restore_step(root, step, abstract_state, abstract_constants)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{root}/{step} does not fit the config's model: {_short(e)}") from None
-    return dict(out.model), dict(out.meta or {}), step
+        raise CheckpointError(
+            f"{root}/{step} does not fit this run's model/optimizer "
+            f"(another config in the same workdir?): {_short(e)}") from None
+
+
+def set_aside(workdir: str, step: int) -> str:
+    """Move ``checkpoints/<step>`` to ``damaged/checkpoints_<step>`` (never deleted); returns the new path."""
+    src = os.path.join(os.path.abspath(workdir), CHECKPOINTS, str(step))
+    dst = os.path.join(os.path.abspath(workdir), DAMAGED, f"{CHECKPOINTS}_{step}")
+    n = 1
+    while os.path.exists(dst):
+        n += 1
+        dst = os.path.join(os.path.abspath(workdir), DAMAGED, f"{CHECKPOINTS}_{step}_{n}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+    return dst
+
+
+def restore_newest_intact(workdir: str, abstract_state, abstract_constants, say=print):
+    """``(step, (state, constants, data_state, meta))`` of the newest checkpoint that restores completely, or
+    None when the workdir has none.
+
+    A checkpoint whose arrays have other shapes than this run's state is a config problem: one error, nothing
+    touched. One whose shapes fit but which cannot be read is damaged: said in one line (its step and the read's
+    own cause), moved aside with ``set_aside`` and the next older one is tried; if none restores, one error
+    lists what was tried.
+    """
+    root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    steps = checkpoint_steps(root)
+    want = abstract_shapes(abstract_state)
+    tried = []
+    for step in reversed(steps):
+        try:
+            stored = stored_shapes(os.path.join(root, str(step), "state"))
+            fits = stored == want
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: damaged
+            stored, fits, cause = None, None, failure_cause(e)
+        if fits is False:
+            raise CheckpointError(
+                f"{root}/{step} does not fit this run's model/optimizer (another config in the same workdir?): "
+                f"{len(stored)} stored arrays, this run has {len(want)}, shapes differ")
+        if fits:
+            try:
+                return step, _restore_step(root, step, abstract_state, abstract_constants)
+            except Exception as e:  # noqa: BLE001 - the shapes fit, so the files are damaged
+                cause = failure_cause(e)
+        moved = set_aside(workdir, step)
+        tried.append(f"step {step} ({cause})")
+        say(f"checkpoint {step} is damaged ({cause}); set aside as {moved}; trying the next older one")
+    if tried:
+        raise CheckpointError(f"no checkpoint in {root} restores (all set aside under "
+                              f"{os.path.join(os.path.abspath(workdir), DAMAGED)}): {'; '.join(tried)}")
+    return None
 
 
 def _short(e: Exception, limit: int = 600) -> str:

@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from vpd_jax.files import write_text
+
 log = logging.getLogger("vpd_jax.train")
 
 
@@ -102,10 +104,7 @@ def _truncate_after(path: str, step: int) -> None:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line of a killed run
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_text(path, "".join(keep))
 
 
 def read_metrics(workdir: str) -> list[dict]:

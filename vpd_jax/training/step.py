@@ -277,3 +277,20 @@ def compile_step(step_fn, *args) -> tuple[Any, float]:
     t0 = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
     return compiled, time.perf_counter() - t0
+
+
+def cost_analysis(stage) -> dict:
+    """XLA's cost analysis of a lowered or compiled step as one dict ({} where the backend gives none): jax returns
+    a dict, a one-element list or None depending on the version and backend."""
+    try:
+        ca = stage.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have no cost analysis at all
+        return {}
+    ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
+    return dict(ca or {})
+
+
+def step_flops(stage) -> float | None:
+    """FLOPs of one step (per device) from ``cost_analysis``, None where unknown."""
+    f = float(cost_analysis(stage).get("flops", 0.0))
+    return f if f > 0 else None

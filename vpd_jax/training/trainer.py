@@ -10,43 +10,29 @@ the last checkpoint stays the last good one. SIGTERM finishes the current step, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import threading
 import time
+import traceback
 
 import jax
 import numpy as np
 
-from vpd_jax import build, parallel
-from vpd_jax.errors import ConfigError, NonFiniteError
-from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, picture_grid, save_picture, write_json
+from vpd_jax import build, files, parallel
+from vpd_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, picture_grid, save_picture
 from vpd_jax.training import checkpoint as C
 from vpd_jax.training import step as S
 from vpd_jax.training.logging import MetricWriter, Throughput, fmt_duration, step_line
 from vpd_jax.training.optimizer import learning_rates
+from vpd_jax.weights.loader import failure_cause
 
 log = logging.getLogger("vpd_jax.train")
-
-
-def _flops(compiled) -> float | None:
-    try:
-        ca = compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        f = float(ca.get("flops", 0.0))
-        return f if f > 0 else None
-    except Exception:  # noqa: BLE001 - some backends have no cost analysis
-        return None
-
-
-def write_json_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file renamed over it)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _json_metrics(m: dict) -> dict:
@@ -63,6 +49,7 @@ def train(cfg, workdir: str) -> dict:
         if is_main:
             print(text, flush=True)
 
+    build.validate(cfg)  # every bad field in one line, before anything is built or read
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: exists and is not a folder")
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -77,15 +64,16 @@ def train(cfg, workdir: str) -> dict:
     # Data first: a missing dataset fails in one line before any compilation.
     loader = build.train_loader(cfg)
     eval_loader = build.eval_loader(cfg)
+    build.check_crop_fits(cfg, build.train_image_shape(cfg))
 
     # Restore or allocate into the shardings. Nothing is written to the workdir before this succeeds.
     abstract_state = setup.abstract_state
     best_rmse = math.inf
     t0 = time.perf_counter()
-    start = C.latest_step(workdir)
-    if start is not None:
-        state, constants, data_state, meta = C.restore_latest(workdir, abstract_state, abstract_vars["constants"],
-                                                              start)
+    restored = C.restore_newest_intact(workdir, abstract_state, abstract_vars["constants"], say=say)
+    start = restored[0] if restored else None
+    if restored:
+        state, constants, data_state, meta = restored[1]
         constants = jax.tree.map(np.asarray, constants)
         if data_state is not None:
             loader.set_state(_for_this_process(data_state))
@@ -104,7 +92,7 @@ def train(cfg, workdir: str) -> dict:
             say(f"  {note}")
     if is_main:
         os.makedirs(workdir, exist_ok=True)
-        write_json_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+        files.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     ckpt = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 
@@ -114,7 +102,7 @@ def train(cfg, workdir: str) -> dict:
     compiled, compile_s = S.compile_step(step_fn, abstract_state, batch_abstract)
     if cfg.train.state_layout == "auto":  # the layouts XLA chose (e.g. cuDNN's OHWI conv kernels on GPUs)
         state = S.place_state(compiled, state)
-    flops = _flops(compiled)
+    flops = S.step_flops(compiled)
     writer.console(f"compiled the train step in {compile_s:.1f}s"
                    + (f" ({flops / 1e12:.3f} TFLOP per step)" if flops else ""))
     writer.scalars(int(jax.device_get(state.step)), {"compile_seconds": compile_s}, kind="compile")
@@ -140,15 +128,24 @@ def train(cfg, workdir: str) -> dict:
                        + format_table({f"step {step}": m}))
         writer.scalars(step, m, prefix="test/", kind="eval")
         if is_main:
-            write_json(os.path.join(workdir, "eval", f"step_{step}.json"),
+            files.write_json(os.path.join(workdir, "eval", f"step_{step}.json"),
                        {"step": step, "metrics": m, "num_images": res["num_images"]})
             if res["pictures"]:
                 save_picture(os.path.join(workdir, "pictures", f"step_{step}.png"), res["pictures"])
                 writer.image(step, "test/image_gt_prediction", picture_grid(res["pictures"]))
         if m["rmse"] < best_rmse:
             best_rmse = m["rmse"]
-            ckpt.save_best(st, constants, {"step": step, "metrics": m, "config": cfg.to_dict()})
+            saving(step, "the best weights", lambda: ckpt.save_best(
+                st, constants, {"step": step, "metrics": m, "config": cfg.to_dict()}))
         return m
+
+    def saving(step, what, fn):
+        """Run a save (or a wait for one); a failure (a full disk, a permission, a quota) is one CheckpointError
+        naming the checkpoint, the cause and where to resume from; the traceback goes to workdir/errors.log."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - orbax and the OS raise many types; the cause is kept
+            raise _save_failed(workdir, step, what, e) from e
 
     step = int(jax.device_get(state.step))
     throughput.reset(step)
@@ -188,28 +185,49 @@ def train(cfg, workdir: str) -> dict:
                 run_eval(state, step)
                 throughput.reset(step)
             if do_ckpt or stopping:
-                ckpt.save(state, constants, loader.get_state(),
-                          {"step": step, "metrics": last_metrics, "config": cfg.to_dict()}, force=True)
+                saving(step, f"checkpoint {step}", lambda: ckpt.save(
+                    state, constants, loader.get_state(),
+                    {"step": step, "metrics": last_metrics, "config": cfg.to_dict()}, force=True))
             if stopping:
-                status = f"stopped by signal {stop['signal']} at step {step}"
+                saving(step, f"checkpoint {step}", ckpt.wait)
+                status = f"stopped by {signal.Signals(stop['signal']).name} at step {step}"
                 writer.console(f"{status}; checkpoint saved")
                 break
+        saving(step, f"checkpoint {step}", ckpt.wait)  # an asynchronous save's failure surfaces here
     finally:
-        ckpt.wait()
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to report
+            ckpt.wait()
         ckpt.close()
         writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         if hasattr(loader, "close"):
             loader.close()
-    writer.console(f"{status}: {step}/{total} steps in {fmt_duration(time.perf_counter() - t0)}")
+    evaluated = f"best test RMSE {best_rmse:.4f}" if math.isfinite(best_rmse) else "no evaluation yet"
+    writer.console(f"{status}: {step}/{total} steps in {fmt_duration(time.perf_counter() - t0)}; {evaluated}")
     return {"status": status, "step": step, "train": last_metrics, "best_rmse": best_rmse,
             "compile_seconds": compile_s, "flops_per_step": flops}
 
 
-def _main_thread() -> bool:
-    import threading
+ERRORS_LOG = "errors.log"
 
+
+def _save_failed(workdir: str, step: int, what: str, e: BaseException) -> CheckpointError:
+    """The one-line error of a failed save; the full traceback is appended to ``workdir/errors.log``."""
+    log_path = os.path.join(workdir, ERRORS_LOG)
+    with contextlib.suppress(OSError):  # the disk may be full: the log is a courtesy
+        with open(log_path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} writing {what}\n")
+            traceback.print_exception(e, file=f)
+    last = C.latest_step(workdir)
+    resume = (f"the newest intact checkpoint is step {last} ({os.path.join(workdir, C.CHECKPOINTS, str(last))}): "
+              "free the space (or fix the permission) and rerun the same command to resume from it"
+              if last is not None else "no checkpoint was written yet")
+    return CheckpointError(f"writing {what} under {workdir} failed: {failure_cause(e)}; {resume} "
+                           f"(traceback in {log_path})")
+
+
+def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 

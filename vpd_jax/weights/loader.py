@@ -115,6 +115,48 @@ def checkpoint_steps(root: str | os.PathLike) -> list[int]:
     return sorted(int(d.name) for d in p.iterdir() if d.is_dir() and d.name.isdigit())
 
 
+def stored_shapes(item: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> list[tuple[int, ...]]:
+    """The sorted array shapes an orbax PyTree item holds (those whose names start with ``prefixes``), from its
+    metadata alone. Raises whatever orbax raises when the metadata cannot be read (a damaged checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(item)
+    meta = getattr(meta, "item_metadata", meta)  # orbax 0.12: StepMetadata -> the tree's metadata
+    meta = getattr(meta, "tree", meta)
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{item}: no readable tree metadata")
+    flat = []
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+        elif node is not None:
+            flat.append((".".join(path), tuple(getattr(node, "shape", ()))))
+
+    walk(meta, ())
+    return sorted(shape for name, shape in flat if not prefixes or name.startswith(prefixes))
+
+
+def abstract_shapes(tree) -> list[tuple[int, ...]]:
+    """The sorted shapes of a tree's leaves (arrays or ShapeDtypeStructs)."""
+    import jax
+
+    return sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+
+
+def failure_cause(e: BaseException, limit: int = 240) -> str:
+    """The innermost cause of an exception chain, in one line (what a damaged file's read actually said)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _host_restore_args(tree):
     import orbax.checkpoint as ocp
 
@@ -123,11 +165,13 @@ def _host_restore_args(tree):
 
 
 def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, which: str = "best",
-                              origin: str | None = None) -> tuple[dict[str, Any], int]:
-    """``(variables, step)`` of a workdir's best weights or newest checkpoint, as host numpy arrays.
+                              origin: str | None = None) -> tuple[dict[str, Any], int, list[str]]:
+    """``(variables, step, notes)`` of a workdir's best weights or newest intact checkpoint, as host numpy arrays.
 
-    Only ``params``, ``batch_stats`` and ``constants`` are read; the optimizer state stays on disk. ``origin``
-    names where ``config`` came from in errors (default: the workdir's own config.json).
+    Only ``params``, ``batch_stats`` and ``constants`` are read; the optimizer state stays on disk. Weights whose
+    shapes are not the model's are one error (``origin`` names where ``config`` came from; default: the
+    workdir's own config.json). A checkpoint that has the right shapes but cannot be read is damaged: ``latest``
+    then falls back to the next older one and says so in ``notes``; nothing in the workdir is changed.
     """
     import orbax.checkpoint as ocp
 
@@ -136,35 +180,56 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     wd = pathlib.Path(workdir)
     abstract = abstract_variables(VPDDepth(config))
     if which == "best":
-        steps = checkpoint_steps(wd / BEST)
+        root, item_name, keys = wd / BEST, "model", ("params", "batch_stats", "constants")
+        steps = checkpoint_steps(root)
         if not steps:
-            raise WeightsError(f"{wd / BEST}: no best checkpoint (training never evaluated?); use the latest "
+            raise WeightsError(f"{root}: no best checkpoint (training never evaluated?); use the latest "
                                "checkpoint instead (WORKDIR:latest, or eval.py --which=latest)")
-        step = steps[-1]
-        item = wd / BEST / str(step) / "model"
-        target = {k: abstract[k] for k in ("params", "batch_stats", "constants")}
+        steps = steps[-1:]  # one best is kept
     else:
-        steps = checkpoint_steps(wd / CHECKPOINTS)
+        root, item_name, keys = wd / CHECKPOINTS, "state", ("params", "batch_stats")
+        steps = checkpoint_steps(root)
         if not steps:
-            raise WeightsError(f"{wd / CHECKPOINTS}: no checkpoint")
-        step = steps[-1]
-        item = wd / CHECKPOINTS / str(step) / "state"
-        target = {k: abstract[k] for k in ("params", "batch_stats")}
+            raise WeightsError(f"{root}: no checkpoint")
+    target = {k: abstract[k] for k in keys}
+    want = abstract_shapes({k: abstract[k] for k in ("params", "batch_stats")})
+    notes: list[str] = []
     ckptr = ocp.PyTreeCheckpointer()
-    try:
-        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=_host_restore_args(target),
-                                                              partial_restore=True))
-        if which == "latest":
-            const_target = {"class_embeddings": abstract["constants"]["class_embeddings"]}
-            out = {**out, "constants": ckptr.restore(
-                item.parent / "constants", args=ocp.args.PyTreeRestore(
-                    item=const_target, restore_args=_host_restore_args(const_target)))}
-    except (ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{item}: does not fit the model of {origin or wd / WORKDIR_CONFIG} "
-                           f"({str(e).splitlines()[0][:300]})") from None
-    variables = {k: _as_numpy(out[k]) for k in ("params", "batch_stats", "constants")}
-    vc.check_shapes(abstract, variables, str(item))
-    return variables, step
+    for step in reversed(steps):
+        item = root / str(step) / item_name
+        try:
+            stored = stored_shapes(item, ("params.", "batch_stats."))
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint raises anything
+            notes.append(f"{item.parent} is damaged ({failure_cause(e)})")
+            continue
+        if stored != want:
+            raise WeightsError(f"{item}: does not fit the model of {origin or wd / WORKDIR_CONFIG} "
+                               f"({len(stored)} stored arrays, the model has {len(want)}, shapes differ)")
+        try:
+            out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=_host_restore_args(target), partial_restore=True))
+            if which == "latest":
+                const_target = {"class_embeddings": abstract["constants"]["class_embeddings"]}
+                out = {**out, "constants": ckptr.restore(
+                    item.parent / "constants", args=ocp.args.PyTreeRestore(
+                        item=const_target, restore_args=_host_restore_args(const_target)))}
+            variables = {k: _as_numpy(out[k]) for k in ("params", "batch_stats", "constants")}
+            vc.check_shapes(abstract, variables, str(item))
+        except WeightsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the shapes fit, so the files are damaged
+            notes.append(f"{item.parent} is damaged ({failure_cause(e)})")
+            continue
+        return variables, step, notes
+    tried = "; ".join(notes)
+    hint = " (use eval.py --which=latest, or WORKDIR:latest)" if which == "best" else ""
+    raise WeightsError(f"no intact {'best ' if which == 'best' else ''}checkpoint in {root}: {tried}{hint}")
+
+
+def describe_restore(workdir, which: str, step: int, notes: list[str]) -> str:
+    """``"WORKDIR (latest, step N)"``, with the damaged newer checkpoints that were passed over."""
+    passed = f"; passed over: {'; '.join(notes)}" if notes else ""
+    return f"{workdir} ({which}, step {step}{passed})"
 
 
 def _as_numpy(tree):
@@ -225,9 +290,9 @@ def load_model(source: str | os.PathLike, *, which: str | None = None, config: V
         except (ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"{path / WORKDIR_CONFIG}: model section: {e}") from None
         which = which or ("best" if checkpoint_steps(path / BEST) else "latest")
-        variables, step = restore_workdir_variables(path, config, which)
+        variables, step, notes = restore_workdir_variables(path, config, which)
         return finish(LoadedModel(VPDDepth(config), variables, config, config_crop(cfg), cfg.get("class_rule"),
-                                  f"{path} ({which}, step {step})", "workdir", step))
+                                  describe_restore(path, which, step, notes), "workdir", step))
     found = find_converted(path)
     if found is None:
         raise WeightsError(f"{path}: neither a converted VPD checkpoint (config.json + variables/), a train.py "

@@ -1,0 +1,160 @@
+"""``Predictor``: a VPD model ready for images of any size (see the package docstring for the modes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear, slide_flip_predict
+from vpd_jax.inference.images import as_rgb
+from vpd_jax.scenes import NYU_CLASSES, UNKNOWN_CLASS, class_id_from_name
+from vpd_jax.text import TextEncoder, scene_embedding
+from vpd_jax.weights.loader import load_model
+
+MODES = ("slide", "resize")
+DEFAULT_CROP = 480  # the released NYU models' training crop (both repos)
+
+
+def working_size(h: int, w: int, crop: int, mode: str) -> tuple[int, int]:
+    """The (h, w) the image is brought to before windowing (``mode`` and the small-image rule above)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    if mode == "slide" and min(h, w) >= crop:
+        return h, w
+    f = crop / min(h, w)
+    # Round, but never below the crop (a 333-high image must reach 480, not 479).
+    return max(crop, int(h * f + 0.5)), max(crop, int(w * f + 0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """The conditioning in words, for logs: ``kind`` is "class", "prompt" or "mean"."""
+
+    kind: str
+    value: str | int | None = None
+
+    def __str__(self):
+        if self.kind == "class":
+            return f"scene class {NYU_CLASSES[self.value]} ({self.value})"
+        if self.kind == "prompt":
+            return f"prompt {self.value!r}"
+        return "mean of the NYU scene embeddings (unknown scene)"
+
+
+class Predictor:
+    """A VPD model ready for images of any size; see the module docstring for the modes.
+
+    ``model``: a ``VPDDepth``; ``variables``: its ``{params, batch_stats, constants}``; ``embedding``: the raw
+    (text_dim,) scene embedding (None: the table's mean row); ``crop``: the training crop (square windows);
+    ``stride``: window stride (default crop // 3); ``flip``: average each window with its mirror image;
+    ``batch_size``: windows per forward call.
+    """
+
+    def __init__(self, model, variables, *, embedding=None, mode: str = "slide", crop: int = DEFAULT_CROP,
+                 stride: int | None = None, flip: bool = True, batch_size: int = 4, scene: Scene | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if crop < 1 or batch_size < 1:
+            raise ValueError(f"crop ({crop}) and batch_size ({batch_size}) must be positive")
+        self.model, self.config = model, model.config
+        self.mode, self.crop, self.flip, self.batch_size = mode, int(crop), bool(flip), int(batch_size)
+        self.stride = int(stride) if stride else max(1, self.crop // 3)
+        table = np.asarray(variables["constants"]["class_embeddings"], np.float32)
+        if embedding is None:
+            embedding = table[-1]
+        embedding = np.asarray(embedding, np.float32).reshape(-1)
+        if embedding.shape != (self.config.text_dim,):
+            raise ValueError(f"scene embedding of size {embedding.shape[0]}; this model takes "
+                             f"{self.config.text_dim}")
+        self.embedding = embedding
+        self.scene = scene or Scene("mean")
+        self.variables = jax.device_put(variables)
+        self._embedding = jax.device_put(embedding)
+        # One jit; XLA caches one executable per input shape (one per window shape here).
+        self._forward = jax.jit(lambda v, x, e: model.apply(v, x, text_embeddings=e))
+
+    # ----------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, src: str | os.PathLike, *, mode: str = "slide", scene: str | int | None = None,
+                        prompt: str | None = None, clip: str | os.PathLike | None = None, batch_size: int = 4,
+                        crop: int | None = None, stride: int | None = None, flip: bool = True,
+                        dtype: str | None = None, **model_overrides) -> Predictor:
+        """Load ``src`` (any source of ``vpd_jax.weights.loader.load_model``) and choose the conditioning.
+
+        ``scene``: a NYU class name or id; ``prompt`` (with ``clip``, CLIP ViT-L/14 weights: a local folder or
+        a hub id for ``TextEncoder.from_pretrained``); neither: the mean scene row. ``crop``: the training crop
+        (default: the checkpoint's, else 480). ``dtype``: compute dtype override ("bfloat16" on accelerators).
+        """
+        if scene is not None and prompt is not None:
+            raise ValueError("give a scene class or a prompt, not both")
+        if dtype is not None:
+            model_overrides["dtype"] = dtype
+        loaded = load_model(src, overrides=model_overrides)
+        model, variables, ckpt_crop = loaded.model, loaded.variables, loaded.crop
+        embedding, desc = None, Scene("mean")
+        table = np.asarray(variables["constants"]["class_embeddings"], np.float32)
+        if prompt is not None:
+            if clip is None:
+                raise ValueError("a text prompt needs CLIP weights: pass clip= (--clip SOURCE)")
+            embedding, desc = TextEncoder.from_pretrained(clip).embed([prompt])[0], Scene("prompt", prompt)
+        elif scene is not None and not (isinstance(scene, int) and scene in (-1, UNKNOWN_CLASS)):
+            cid = scene if isinstance(scene, int) else class_id_from_name(scene)
+            embedding, desc = scene_embedding(table, cid, num_classes=table.shape[0] - 1), Scene("class", cid)
+        return cls(model, variables, embedding=embedding, mode=mode, crop=crop or ckpt_crop or DEFAULT_CROP,
+                   stride=stride, flip=flip, batch_size=batch_size, scene=desc)
+
+    # ----------------------------------------------------------------------------------- prediction
+    def predict(self, image) -> np.ndarray:
+        """(H, W, 3) uint8 image (gray and RGBA accepted) -> (H, W) float32 depth in metres."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Equal-size images, (B, H, W, 3) or a list of (H, W[, C]) -> (B, H, W) float32 metres."""
+        if len({np.shape(im)[:2] for im in images}) > 1:
+            raise ValueError("predict_batch: images differ in size; use predict() per image")
+        batch = np.stack([as_rgb(im) for im in images])
+        b, h, w, _ = batch.shape
+        if b == 0:
+            return np.zeros((0, h, w), np.float32)
+        wh, ww = working_size(h, w, self.crop, self.mode)
+        if (wh, ww) != (h, w):
+            batch = self._resize(batch, (wh, ww))
+        depth = self._slide(batch)
+        if (wh, ww) != (h, w):
+            depth = self._resize(depth, (h, w))
+        return depth
+
+    def forward(self, images) -> np.ndarray:
+        """One plain forward pass at the images' own size (no windows, no flip): (B, H, W) metres."""
+        return self._run(np.stack([as_rgb(im) for im in images]))
+
+    @staticmethod
+    def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(resize_bilinear(np.asarray(x, np.float32), size), np.float32)
+
+    def _slide(self, batch: np.ndarray) -> np.ndarray:
+        """Flip-averaged sliding windows over (B, H, W, 3) float images with H, W >= crop."""
+        b, h, w, _ = batch.shape
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        ys, xs = mmseg_window_starts(h, ch, self.stride), mmseg_window_starts(w, cw, self.stride)
+        # The evaluator's windows and merge; every window (and mirror) in one call that _run chunks.
+        depth = slide_flip_predict(lambda rows, _: self._run(np.asarray(rows)), batch, np.zeros((b,), np.int32),
+                                   crop=(ch, cw), y_starts=ys, x_starts=xs, flip=self.flip, one_call=True)
+        return np.asarray(depth, np.float32)
+
+    def _run(self, rows: np.ndarray) -> np.ndarray:
+        """The jitted forward over ``rows`` in chunks of ``batch_size`` (last chunk padded: one shape, one compile)."""
+        out = []
+        k = self.batch_size
+        for i in range(0, len(rows), k):
+            chunk = rows[i : i + k]
+            m = len(chunk)
+            if m < k:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], k - m, 0)], 0)
+            out.append(np.asarray(self._forward(self.variables, chunk, self._embedding), np.float32)[:m])
+        return np.concatenate(out, 0)
