@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from vpd_jax.data import catalog
-from vpd_jax.errors import ConfigError
 from vpd_jax.data.augment import AugmentConfig, augment
+from vpd_jax.errors import ConfigError
 from vpd_jax.scenes import CLASS_RULES, UNKNOWN_CLASS
 
 
