@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# Test processes (pytest-xdist; whole files per process, so a file's fixtures are built once). 2 suits a
+# 2-core machine: most of the suite's time is single-threaded XLA compilation.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -26,7 +29,7 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .jax_cache

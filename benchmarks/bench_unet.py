@@ -1,12 +1,12 @@
 """Time the full SD-1.5 UNet forward: ours (JAX/Flax) against diffusers' PyTorch model, same weights, one run.
 
     .venv/bin/python benchmarks/bench_unet.py [--latent 64] [--batch 1] [--repeats 5] [--dtype float32]
-                                               [--load-memory]
+                                               [--load_memory]
 
 Both models get the same random SD-1.5 weights (no download needed; SD-1.5's architecture is what matters
 for speed). Each is warmed up first (JAX: compile time reported separately), then timed over ``--repeats``
 alternating calls, and the medians are printed with their ratio (ours / PyTorch; below 1 is faster) and
-the max abs difference of the outputs. ``--load-memory`` also writes the weights as a diffusers safetensors
+the max abs difference of the outputs. ``--load_memory`` also writes the weights as a diffusers safetensors
 file and measures the peak host memory of ``load_unet`` in a fresh process.
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
     ap.add_argument("--features", action="store_true", help="time VPD's features path instead of the full UNet")
-    ap.add_argument("--load-memory", action="store_true", help="also measure load_unet's peak host memory")
+    ap.add_argument("--load_memory", action="store_true", help="also measure load_unet's peak host memory")
     args = ap.parse_args()
 
     import diffusers

@@ -31,6 +31,7 @@ def places(tmp_path_factory):
     root = tmp_path_factory.mktemp("places")
     (root / "a_file").write_text("not a folder")
     (root / "empty").mkdir()
+    (root / "table.npy").mkdir()
     return root
 
 
@@ -60,6 +61,8 @@ CASES = [
      "bogus"),
     ("eval: missing checkpoint", ["eval.py", "--config=configs/demo.py", "--config.data_dir={data}",
                                   "--checkpoint={tmp}/missing.pth"], 1, "missing.pth"),
+    ("eval: output under a file", ["eval.py", "--config=configs/demo.py", "--config.data_dir={data}",
+                                   "--checkpoint={tmp}/missing.pth", "--output={tmp}/a_file/m.json"], 2, "a_file"),
     ("predict: missing checkpoint", ["predict.py", "--checkpoint", "{tmp}/missing", "--input", "photo.jpg",
                                      "--output", "{tmp}/out"], 1, "missing"),
     ("predict: no output", ["predict.py", "--checkpoint", "{tmp}/missing", "--input", "photo.jpg"], 2,
@@ -68,6 +71,12 @@ CASES = [
                              "{tmp}/out", "--batch_size", "0"], 2, "--batch_size 0"),
     ("predict: unknown scene", ["predict.py", "--checkpoint", "{tmp}/missing", "--input", "photo.jpg",
                                 "--output", "{tmp}/out", "--scene", "garage"], 2, "garage"),
+    ("predict: output is a file", ["predict.py", "--checkpoint", "{tmp}/missing", "--input", "photo.jpg",
+                                   "--output", "{tmp}/a_file"], 2, "a_file"),
+    ("predict: a folder without images", ["predict.py", "--checkpoint", "{tmp}/empty", "--input", "{tmp}/empty",
+                                          "--output", "{tmp}/out"], 2, "no images"),
+    ("convert: out is a file", ["-m", "vpd_jax.tools.convert", "{tmp}/missing.pth", "--out", "{tmp}/a_file"], 2,
+     "a_file"),
     ("convert: missing file", ["-m", "vpd_jax.tools.convert", "{tmp}/missing.pth", "--out", "{tmp}/c"], 1,
      "missing.pth"),
     ("convert: bad crop", ["-m", "vpd_jax.tools.convert", "{tmp}/missing.pth", "--out", "{tmp}/c", "--crop", "7"],
@@ -76,6 +85,10 @@ CASES = [
                                           "--out", "{tmp}/t.txt"], 2, "t.txt"),
     ("class_embeddings: missing CLIP", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
                                         "--out", "{tmp}/t.npy"], 1, "clip"),
+    ("class_embeddings: out is a folder", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
+                                           "--out", "{tmp}/table.npy"], 2, "table.npy"),
+    ("prepare: data_dir under a file", ["-m", "vpd_jax.data.prepare", "--source", "synthetic", "--data_dir",
+                                        "{tmp}/a_file/d"], 2, "a_file"),
     ("prepare: missing flag", ["-m", "vpd_jax.data.prepare", "--source", "bts", "--data_dir", "{tmp}/d"], 2,
      "--bts_dir"),
     ("prepare: missing tree", ["-m", "vpd_jax.data.prepare", "--source", "bts", "--bts_dir", "{tmp}/nyu",

@@ -273,7 +273,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_older(fu
     _run("train.py", *first, f"--config.data_dir={data_dir}", f"--workdir={wd}")
     _damage(wd / "checkpoints" / "4", "truncate")
     p = _run("train.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}")
-    lines = [line for line in p.stdout.splitlines() if "damaged" in line]
+    lines = [line for line in p.stdout.splitlines() if " is damaged" in line]
     assert len(lines) == 1 and "checkpoint 4 is damaged" in lines[0] and "set aside" in lines[0], p.stdout
     assert f"resumed from {wd}/checkpoints/2" in p.stdout and "Traceback" not in p.stderr
     assert (wd / "damaged" / "checkpoints_4" / "state").is_dir()

@@ -97,6 +97,7 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(data_dir, tmp_path):
     before = _listing(wd)
     tiny = demo.get_config()
     tiny.data_dir, tiny.model.size = data_dir, "tiny"
+    tiny.aug.crop_size = (64, 64)
     with pytest.raises(CheckpointError, match="does not fit"):
         trainer.train(tiny, str(wd))
     assert _listing(wd) == before

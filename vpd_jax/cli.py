@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from vpd_jax import evaluate, parallel
-from vpd_jax.console import say_error
+from vpd_jax.console import check_output_file, check_output_folder, say_error
 from vpd_jax.errors import ConfigError, UsageError, UserError
 from vpd_jax.training import trainer
 
@@ -158,6 +158,10 @@ def eval_main() -> None:
                 if not workdir.value:
                     raise UsageError("give --config=configs/X.py (and --workdir or --checkpoint)")
                 cfg = workdir_run_config(workdir.value)
+            if output.value:
+                check_output_file("--output", output.value)
+            if save.value:
+                check_output_folder("--save_predictions", save.value)
         except UsageError as e:
             report(e, 2)
         setup_jax(cfg)

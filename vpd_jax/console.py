@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -32,6 +33,34 @@ def say_error(e: BaseException | str) -> None:
         traceback.print_exception(e)
     text = " ".join(str(e).split()) if not isinstance(e, str) else e
     print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+def _file_above(path: pathlib.Path) -> pathlib.Path | None:
+    """The first existing parent of ``path`` that is not a folder (a folder cannot be created under it)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_folder(flag: str, path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a folder to write into: a ``UsageError`` naming ``flag`` if it, or a parent, is a file."""
+    p = pathlib.Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a folder; expected a folder (created if missing)")
+    if (f := _file_above(p)) is not None:
+        raise UsageError(f"{flag} {path}: {f} is a file; expected a folder (created if missing)")
+    return p
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a file to write: a ``UsageError`` naming ``flag`` if it is a folder or a parent is a file."""
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; expected a file name")
+    if (f := _file_above(p)) is not None:
+        raise UsageError(f"{flag} {path}: {f} is a file, not a folder")
+    return p
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -23,7 +23,7 @@ import sys
 
 from absl import logging
 
-from vpd_jax.console import ArgumentParser, run_tool, say_error
+from vpd_jax.console import ArgumentParser, check_output_folder, run_tool, say_error
 from vpd_jax.data import builder, sources
 
 
@@ -130,6 +130,7 @@ def split_plan(args) -> tuple[dict, dict]:
 
 def prepare(argv=None) -> int:
     args = parse_args(argv)
+    check_output_folder("--data_dir", args.data_dir)
     # TFDS' INFO lines name the staging directory, which would only confuse; our bars and summary say it all.
     logging.set_verbosity(logging.WARNING)
     try:

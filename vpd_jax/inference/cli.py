@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
 import sys
 from collections.abc import Sequence
 
-from vpd_jax.console import ArgumentParser, run_tool
-from vpd_jax.errors import UsageError
-from vpd_jax.inference.files import Outputs, predict_files
+from vpd_jax.console import ArgumentParser, check_output_folder, run_tool
+from vpd_jax.errors import UsageError, UserError
+from vpd_jax.inference.files import Outputs, gather_inputs, predict_files
+from vpd_jax.inference.images import IMAGE_SUFFIXES
 from vpd_jax.inference.predictor import MODES, Predictor
 from vpd_jax.scenes import NYU_CLASSES, class_id_from_name
 
@@ -68,6 +70,13 @@ def predict(argv: Sequence[str] | None = None) -> int:
     for flag in ("crop", "stride", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: expected a positive number")
+    # Before the model is loaded (minutes with SD-1.5 weights): where to write, and that there is something to read.
+    out_dir = check_output_folder("--output", args.output)
+    if not pathlib.Path(args.checkpoint).expanduser().exists():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if not gather_inputs(args.input, exclude=out_dir)[0]:
+        raise UsageError(f"--input {' '.join(args.input)}: no images there (expected image files, folders holding "
+                         f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or glob patterns)")
     predictor = Predictor.from_checkpoint(args.checkpoint, mode=args.mode, scene=args.scene, prompt=args.prompt,
                                           clip=args.clip, batch_size=args.batch_size, crop=args.crop,
                                           stride=args.stride, flip=args.flip, dtype=args.dtype)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vpd_jax.console import ArgumentParser, run_tool
+from vpd_jax.console import ArgumentParser, check_output_file, run_tool
 from vpd_jax.errors import UsageError
 from vpd_jax.scenes import NYU_CLASSES
 from vpd_jax.text import DEFAULT_MAX_LENGTH, IMAGENET_TEMPLATES, TextEncoder, class_embedding_table
@@ -103,6 +103,7 @@ def embed_classes(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if pathlib.Path(args.out).suffix not in OUT_SUFFIXES:  # before minutes of encoding, not after
         raise UsageError(f"--out {args.out}: unknown suffix; use one of {', '.join(OUT_SUFFIXES)}")
+    check_output_file("--out", args.out)
     # transformers would otherwise import TensorFlow (installed for the data pipeline) for nothing.
     os.environ.setdefault("USE_TF", "0")
 

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vpd_jax.console import ArgumentParser, run_tool
+from vpd_jax.console import ArgumentParser, check_output_folder, run_tool
 from vpd_jax.errors import UsageError
 from vpd_jax.models.vpd import VPDConfig
 from vpd_jax.weights import vpd_checkpoint as vc
@@ -53,7 +53,7 @@ def convert(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.crop is not None and args.crop < 32:
         raise UsageError(f"--crop {args.crop}: expected the training crop in pixels (e.g. 480 or 512)")
-    out = pathlib.Path(args.out)
+    out = check_output_folder("--out", args.out)
     if (out / vc.VARIABLES_DIR).exists():
         raise UsageError(f"--out {out} already holds a converted checkpoint; choose another --out")
     config = None

@@ -24,6 +24,7 @@ import os
 import jax
 
 from vpd_jax.errors import CheckpointError
+from vpd_jax.weights.common import orbax
 from vpd_jax.weights.loader import (
     BEST,
     BEST_ITEMS,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def _ocp():
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     return ocp
 

@@ -8,14 +8,58 @@ the functions that need them, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from vpd_jax.errors import WeightsError  # noqa: F401 (raised here, imported from here by other modules)
+
+
+def _late_callback_on_closed_loop(u) -> bool:
+    """An asyncio loop's ``call_soon_threadsafe`` refused after the loop closed: tensorstore completing the reads
+    of a failed orbax call (a damaged checkpoint) after orbax has closed the loop that waited for them."""
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        return False
+    tb = u.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+_QUIETED = False
+
+
+def _orphaned_tensorstore_read(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for a tensorstore read that orbax abandoned when another
+    read of the same call failed first (the rest of a damaged checkpoint's errors)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return str(record.msg).startswith("Task exception was never retrieved") and "tensorstore_spec" in str(exc)
+
+
+def orbax():
+    """``orbax.checkpoint``, imported on first use. A failed read (a damaged checkpoint) leaves tensorstore reads
+    behind: their callbacks land on orbax's closed event loop (an unraisable traceback each) or their tasks are
+    collected with an unretrieved error (a logged traceback each), hundreds of lines after the read's own
+    one-line error. Those, and only those, are dropped."""
+    import orbax.checkpoint as ocp
+
+    global _QUIETED
+    if not _QUIETED:
+        _QUIETED = True
+        logging.getLogger("asyncio").addFilter(lambda r: not _orphaned_tensorstore_read(r))
+        previous = sys.unraisablehook
+
+        def drop_closed_loop_callbacks(u):
+            if not _late_callback_on_closed_loop(u):
+                previous(u)
+
+        sys.unraisablehook = drop_closed_loop_callbacks
+    return ocp
 
 TORCH_SUFFIXES = (".ckpt", ".bin", ".pth", ".pt")
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
 from vpd_jax.weights import vpd_checkpoint as vc
-from vpd_jax.weights.common import WeightsError
+from vpd_jax.weights.common import WeightsError, orbax
 
 # The layout of a train.py workdir (written by vpd_jax.training.checkpoint).
 WORKDIR_CONFIG = "config.json"
@@ -118,7 +118,7 @@ def checkpoint_steps(root: str | os.PathLike) -> list[int]:
 def stored_shapes(item: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> list[tuple[int, ...]]:
     """The sorted array shapes an orbax PyTree item holds (those whose names start with ``prefixes``), from its
     metadata alone. Raises whatever orbax raises when the metadata cannot be read (a damaged checkpoint)."""
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     meta = ocp.PyTreeCheckpointer().metadata(item)
     meta = getattr(meta, "item_metadata", meta)  # orbax 0.12: StepMetadata -> the tree's metadata
@@ -158,7 +158,7 @@ def failure_cause(e: BaseException, limit: int = 240) -> str:
 
 
 def _host_restore_args(tree):
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     return {k: _host_restore_args(v) if isinstance(v, Mapping) else ocp.RestoreArgs(restore_type=np.ndarray)
             for k, v in tree.items()}
@@ -173,7 +173,7 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     workdir's own config.json). A checkpoint that has the right shapes but cannot be read is damaged: ``latest``
     then falls back to the next older one and says so in ``notes``; nothing in the workdir is changed.
     """
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     if which not in WHICH:
         raise WeightsError(f"which={which!r} is not one of {WHICH}")

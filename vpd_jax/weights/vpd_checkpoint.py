@@ -38,7 +38,16 @@ import numpy as np
 
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
 from vpd_jax.weights import diffusers as dw
-from vpd_jax.weights.common import WeightsError, check_tree, conv_kernel, dense_kernel, flatten, read_tensors, unflatten
+from vpd_jax.weights.common import (
+    WeightsError,
+    check_tree,
+    conv_kernel,
+    dense_kernel,
+    flatten,
+    orbax,
+    read_tensors,
+    unflatten,
+)
 
 FORMATS = ("official", "mmseg")
 
@@ -388,7 +397,7 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | Non
     ``crop``: the square crop the model was trained at (480 or 512), recorded for inference's windows."""
     import shutil
 
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     out = pathlib.Path(out_dir).expanduser().resolve()
     if (out / VARIABLES_DIR).exists():
@@ -448,7 +457,7 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
 
     The model's own shapes are the restore target, so a checkpoint of another architecture fails by leaf.
     """
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     p = pathlib.Path(path).expanduser()
     if not is_converted_dir(p):
