@@ -297,3 +297,84 @@ def read_ply(path: str | os.PathLike) -> np.ndarray:
     for i, (name, _) in enumerate(fields):
         out[name] = rows[:, i]
     return out
+
+
+def write_glb_points(path: str | os.PathLike, depth, intrinsics: Sequence[float] | None = None, image=None, *,
+                     max_points: int | None = None) -> int:
+    """The point cloud of ``write_ply`` (same points, intrinsics and colours) as a binary glTF (.glb); atomic.
+
+    For viewers that draw glTF but not point-cloud PLY (Gradio's ``Model3D`` shows .ply files as Gaussian
+    splats): one primitive of mode POINTS with COLOR_0 and an unlit material. glTF is y-up with the camera
+    looking down -z, so a camera-frame point (x, y, z) is stored as (x, -y, -z). ``max_points``: keep every
+    k-th row and column of the depth map (the same k for both) so that at most that many points remain.
+    Returns the number of points written.
+    """
+    import json
+    import struct
+
+    d = np.asarray(depth, np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"depth: expected an (H, W) map, got shape {d.shape}")
+    pts, ok = depth_to_points(d, intrinsics)
+    rgb = _as_rgb_uint8(image) if image is not None else np.full(d.shape + (3,), 200, np.uint8)
+    if rgb.shape[:2] != d.shape:
+        raise ValueError(f"write_glb_points: image {rgb.shape[:2]} and depth {d.shape} differ in size")
+    cols = rgb[ok]
+    if max_points is not None and len(pts) > max_points:
+        k = int(np.ceil(np.sqrt(len(pts) / max(max_points, 1))))
+        while True:
+            grid = np.zeros(d.shape, bool)
+            grid[::k, ::k] = True
+            if int((grid & ok).sum()) <= max_points:
+                break
+            k += 1
+        keep = grid[ok]
+        pts, cols = pts[keep], cols[keep]
+    n = len(pts)
+    pos = np.ascontiguousarray(pts * np.array([1.0, -1.0, -1.0], np.float32), dtype="<f4")
+    rgba = np.concatenate([cols, np.full((n, 1), 255, np.uint8)], axis=1)
+    blob = pos.tobytes() + rgba.tobytes()  # both 4-byte aligned
+    gltf = {
+        "asset": {"version": "2.0", "generator": "vpd-jax"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "depth"}],
+        "extensionsUsed": ["KHR_materials_unlit"],
+        "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0,
+                                                "roughnessFactor": 1.0},
+                       "extensions": {"KHR_materials_unlit": {}}}],
+        "meshes": [{"primitives": [{"attributes": {"POSITION": 0, "COLOR_0": 1}, "mode": 0, "material": 0}]}],
+        "buffers": [{"byteLength": len(blob)}],
+        "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": n * 12, "target": 34962},
+                        {"buffer": 0, "byteOffset": n * 12, "byteLength": n * 4, "target": 34962}],
+        "accessors": [{"bufferView": 0, "componentType": 5126, "count": n, "type": "VEC3",
+                       "min": pos.min(0).tolist() if n else [0, 0, 0], "max": pos.max(0).tolist() if n else [0, 0, 0]},
+                      {"bufferView": 1, "componentType": 5121, "normalized": True, "count": n, "type": "VEC4"}],
+    }
+    js = json.dumps(gltf, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 4)
+    blob += b"\0" * (-len(blob) % 4)
+    total = 12 + 8 + len(js) + 8 + len(blob)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<4sII", b"glTF", 2, total))
+        f.write(struct.pack("<I4s", len(js), b"JSON") + js)
+        f.write(struct.pack("<I4s", len(blob), b"BIN\0") + blob)
+    return n
+
+
+def read_glb_points(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A .glb written by ``write_glb_points`` back as ((N, 3) float32 glTF positions, (N, 4) uint8 colours)."""
+    import json
+    import struct
+
+    data = pathlib.Path(path).read_bytes()
+    magic, version, total = struct.unpack_from("<4sII", data, 0)
+    if magic != b"glTF" or version != 2 or total != len(data):
+        raise ValueError(f"{path}: not a glTF 2.0 binary file")
+    jlen, _ = struct.unpack_from("<I4s", data, 12)
+    gltf = json.loads(data[20 : 20 + jlen])
+    blen, _ = struct.unpack_from("<I4s", data, 20 + jlen)
+    blob = data[28 + jlen : 28 + jlen + blen]
+    n = gltf["accessors"][0]["count"]
+    views = gltf["bufferViews"]
+    pos = np.frombuffer(blob, "<f4", n * 3, views[0]["byteOffset"]).reshape(n, 3)
+    rgba = np.frombuffer(blob, np.uint8, n * 4, views[1]["byteOffset"]).reshape(n, 4)
+    return pos, rgba

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -107,6 +108,17 @@ class Predictor:
             embedding, desc = scene_embedding(table, cid, num_classes=table.shape[0] - 1), Scene("class", cid)
         return cls(model, variables, embedding=embedding, mode=mode, crop=crop or ckpt_crop or DEFAULT_CROP,
                    stride=stride, flip=flip, batch_size=batch_size, scene=desc)
+
+    def with_embedding(self, embedding, scene: Scene) -> Predictor:
+        """A copy conditioned on another raw (text_dim,) scene embedding; it shares this one's weights and
+        compiled forward (the embedding is an argument of the jitted call), so switching scenes costs nothing."""
+        embedding = np.asarray(embedding, np.float32).reshape(-1)
+        if embedding.shape != (self.config.text_dim,):
+            raise ValueError(f"scene embedding of size {embedding.shape[0]}; this model takes "
+                             f"{self.config.text_dim}")
+        q = copy.copy(self)
+        q.embedding, q._embedding, q.scene = embedding, jax.device_put(embedding), scene
+        return q
 
     # ----------------------------------------------------------------------------------- prediction
     def predict(self, image) -> np.ndarray:
