@@ -267,9 +267,10 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
             with gr.Column(scale=2):
                 timing = gr.Markdown("Upload an image to see its depth.", elem_id="timing")
                 with gr.Row():
-                    shown = gr.Image(label="Input", format="png", interactive=False, elem_id="input_image")
+                    shown = gr.Image(label="Input", format="png", interactive=False, height=320,
+                                     elem_id="input_image")
                     depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False,
-                                     elem_id="depth_image")
+                                     height=320, elem_id="depth_image")
                 cloud = gr.Model3D(label="Point cloud (drag to turn, scroll to zoom)", clear_color=(1, 1, 1, 1),
                                    camera_position=(-90, 90, None), interactive=False, elem_id="cloud")
                 files = gr.File(label="Downloads: 16-bit PNG (mm), .npy (m), .ply", file_count="multiple",
@@ -348,7 +349,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     try:
         service = DepthService(predictor, workdir, max_pixels=args.max_pixels, max_points=args.max_points,
                                cmap=args.cmap, text_encoder=text_encoder)
-        print(f"vpd-app: {source}: compiling the model ...", file=sys.stderr, flush=True)
+        print(f"vpd-app: {source}: compiling the model; files in {workdir} (removed on exit)", file=sys.stderr,
+              flush=True)
         print(f"vpd-app: ready in {service.warm_up():.1f} s", file=sys.stderr, flush=True)
         examples = write_examples(workdir / "examples")
         page = build_page(service, model_note=describe_model(source, demo, predictor), examples=examples,
