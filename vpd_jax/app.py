@@ -61,7 +61,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: "
                                                         "every interface)")
     ap.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    ap.add_argument("--mode", choices=MODES, default="slide", help="as predict.py --mode (default: %(default)s)")
+    ap.add_argument("--mode", choices=MODES,
+                    help="as predict.py --mode (default: slide; resize for the demo model, whose 120-pixel crop "
+                         "covers a whole 120x160 room)")
     ap.add_argument("--clip", metavar="SOURCE",
                     help="CLIP ViT-L/14 text weights (folder or hub id): adds a free-text scene box")
     ap.add_argument("--crop", type=int, help="training crop (default: the checkpoint's, else 480)")
@@ -219,9 +221,9 @@ def write_examples(folder: pathlib.Path, count: int = NUM_EXAMPLES, size: tuple[
 
 def describe_model(source: str, demo: bool, predictor: Predictor) -> str:
     if demo:
-        return (f"Serving the **demo model** that `make demo` trained on synthetic rooms (`{source}`). It has "
-                "only seen those rooms: expect rough depth on real photos. Start the app with "
-                "`--checkpoint SRC` for a released VPD model.")
+        return (f"Serving the **demo model** that `make demo` trained on synthetic rooms (`{source}`, "
+                f"{predictor.mode} mode). It has only seen those rooms: expect rough depth on real photos. Start "
+                "the app with `--checkpoint SRC` for a released VPD model.")
     return (f"Model: `{source}` ({predictor.mode} mode, crop {predictor.crop}, stride {predictor.stride}, "
             f"flip {'on' if predictor.flip else 'off'}).")
 
@@ -333,7 +335,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
         raise UserError("the app needs Gradio: pip install -r requirements-app.txt (or run `make app`)") from None
 
     _compile_cache()
-    predictor = Predictor.from_checkpoint(source, mode=args.mode, batch_size=args.batch_size, crop=args.crop,
+    # The demo model saw whole 120x160 rooms: pictures are brought to that pixel scale (resize), not windowed.
+    mode = args.mode or ("resize" if demo else "slide")
+    predictor = Predictor.from_checkpoint(source, mode=mode, batch_size=args.batch_size, crop=args.crop,
                                           stride=args.stride, flip=args.flip, dtype=args.dtype)
     text_encoder = None
     if args.clip:
