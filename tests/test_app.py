@@ -4,9 +4,9 @@ The browser test starts the app in a subprocess on a free localhost port with a 
 weights, crop 64: one compile of a few seconds), uploads a synthetic room, waits for the depth picture and the
 3-D view, downloads the 16-bit PNG and compares it with ``Predictor.predict`` on the same image in this
 process, saves a screenshot under the test's tmp_path, then sends files the app must refuse (a text file named
-.jpg, a truncated JPEG, an image over --max_pixels) and checks that each shows its message on the page and that
-the app still serves the next picture. It skips, saying why, without chromium + chromedriver (Debian packages
-``chromium chromium-driver``) or without selenium and gradio (requirements-app.txt).
+.jpg, a truncated JPEG, an image over --max_pixels, a file over --max_upload_mb) and checks that each shows its
+message on the page and that the app still serves the next picture. It skips, saying why, without chromium +
+chromedriver (Debian packages ``chromium chromium-driver``) or without selenium and gradio (requirements-app.txt).
 """
 
 from __future__ import annotations
@@ -282,6 +282,12 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
     for name, (f, message) in bad_files(tmp_path / "bad").items():
         _upload(d, f)
         _wait(f"the message for the {name} file ({message!r})", lambda m=message: m in body(), driver=d)
+    # Over --max_upload_mb (2): Gradio refuses the upload before it reaches the app.
+    huge = tmp_path / "bad" / "huge.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(huge)
+    assert huge.stat().st_size > 2_000_000
+    _upload(d, huge)
+    _wait("the message for the file over 2 MB", lambda: "exceed the maximum allowed size" in body(), driver=d)
     assert "Traceback" not in body()
     again = room(tmp_path / "again.png", 80, 100, index=1)
     _upload(d, again)

@@ -7,6 +7,8 @@
 * ``save_depth_png16``: uint16 millimetres, 0 = no depth; the NYU / VPD release format.
 * ``write_ply``: a coloured point cloud from depth and pinhole intrinsics (NYU's Kinect by default, scaled to
   the depth map's size).
+* ``write_glb_points``: the same point cloud as binary glTF points (for web viewers that draw glTF, such as
+  the app's 3-D view).
 
 Every file is written to a temporary name in its folder and renamed into place, so a crash never leaves a
 half-written file under the final name. Only numpy and PIL are imported at module level; matplotlib (for the
