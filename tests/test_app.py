@@ -237,8 +237,9 @@ def _upload(driver, path: pathlib.Path):
     """Put ``path`` into the upload box (clearing the previous file first, which hides the file input)."""
     from selenium.webdriver.common.by import By
 
-    for b in driver.find_elements(By.CSS_SELECTOR, "#upload button[aria-label='Clear']"):
-        b.click()
+    if not driver.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"):
+        for b in driver.find_elements(By.CSS_SELECTOR, "#upload button[aria-label='Clear']"):
+            driver.execute_script("arguments[0].click();", b)  # a refused upload's notice may cover it
     field = _wait("the upload field", lambda: driver.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"),
                   driver=driver)[0]
     field.send_keys(str(path))
