@@ -17,6 +17,7 @@ Gradio is imported inside ``build_page`` and ``serve``, so ``--help`` and the fl
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -329,10 +330,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
         source = args.checkpoint
         if not pathlib.Path(source).expanduser().exists():
             raise UserError(f"--checkpoint {source}: no such file or folder")
-    try:
-        import gradio  # noqa: F401 - checked before the model loads (minutes with SD-1.5 weights)
-    except ImportError:
-        raise UserError("the app needs Gradio: pip install -r requirements-app.txt (or run `make app`)") from None
+    # Checked before the model loads (minutes with SD-1.5 weights), without importing it (see GRADIO_TEMP_DIR).
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the app needs Gradio: pip install -r requirements-app.txt (or run `make app`)")
 
     _compile_cache()
     # The demo model saw whole 120x160 rooms: pictures are brought to that pixel scale (resize), not windowed.
@@ -346,8 +346,11 @@ def serve(argv: Sequence[str] | None = None) -> int:
         text_encoder = TextEncoder.from_pretrained(args.clip)
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="vpd-app-"))
-    # Gradio reads this when imported: uploads and its copies of our results stay in our folder.
+    # Gradio reads this when imported: uploads and its copies of our results stay in our folder; so do the
+    # half-received uploads it spools through Python's default temporary folder.
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+    (workdir / "tmp").mkdir()
+    tempfile.tempdir = str(workdir / "tmp")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -371,6 +374,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        tempfile.tempdir = None
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
