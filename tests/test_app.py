@@ -294,6 +294,11 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
     _upload(d, again)
     _wait("the next picture's depth", lambda: "for 100x80 pixels" in d.find_element(By.ID, "timing").text,
           driver=d)
+    # An example runs on a click, with its scene.
+    example = d.find_element(By.XPATH, "//button[contains(., 'room2_')]")
+    d.execute_script("arguments[0].click();", example)
+    _wait("the example's depth", lambda: "for 320x240 pixels; scene class" in d.find_element(By.ID, "timing").text,
+          driver=d)
     assert proc.poll() is None, log.read_text()
 
     # Stopping the app removes everything it wrote (uploads included).

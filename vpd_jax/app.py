@@ -255,6 +255,17 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
     suffixes = sorted({*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)})
     with gr.Blocks(title="VPD depth", delete_cache=(600, RESULT_AGE_S)) as page:
         gr.Markdown("## VPD depth estimation\n" + model_note)
+        # The results first (unrendered), so that the examples in the left column can run the prediction.
+        timing = gr.Markdown("Upload an image to see its depth.", elem_id="timing", render=False)
+        shown = gr.Image(label="Input", format="png", interactive=False, height=320, elem_id="input_image",
+                         render=False)
+        depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False, height=320,
+                         elem_id="depth_image", render=False)
+        cloud = gr.Model3D(label="Point cloud (drag to turn, scroll to zoom)", clear_color=(1, 1, 1, 1),
+                           camera_position=(-90, 90, None), interactive=False, elem_id="cloud", render=False)
+        files = gr.File(label="Downloads: 16-bit PNG (mm), .npy (m), .ply", file_count="multiple",
+                        interactive=False, elem_id="downloads", render=False)
+        outputs = [shown, depth, cloud, files, timing]
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 upload = gr.File(label=f"Image (JPEG, PNG, WebP, BMP, TIFF; up to {max_upload_mb} MB and "
@@ -265,20 +276,17 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
                                     placeholder="a photo of a garage", visible=clip, elem_id="prompt")
                 button = gr.Button("Predict depth", variant="primary", elem_id="run")
                 if examples:
-                    gr.Examples([[str(p), c] for p, c in examples], inputs=[upload, scene],
-                                label="Examples (synthetic rooms)", example_labels=[p.stem for p, _ in examples])
+                    gr.Examples([[str(p), c] for p, c in examples], inputs=[upload, scene], outputs=outputs,
+                                fn=lambda path, sc: predict(path, sc, ""), run_on_click=True,
+                                cache_examples=False, label="Examples (synthetic rooms; click to run)",
+                                example_labels=[p.stem for p, _ in examples])
             with gr.Column(scale=2):
-                timing = gr.Markdown("Upload an image to see its depth.", elem_id="timing")
+                timing.render()
                 with gr.Row():
-                    shown = gr.Image(label="Input", format="png", interactive=False, height=320,
-                                     elem_id="input_image")
-                    depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False,
-                                     height=320, elem_id="depth_image")
-                cloud = gr.Model3D(label="Point cloud (drag to turn, scroll to zoom)", clear_color=(1, 1, 1, 1),
-                                   camera_position=(-90, 90, None), interactive=False, elem_id="cloud")
-                files = gr.File(label="Downloads: 16-bit PNG (mm), .npy (m), .ply", file_count="multiple",
-                                interactive=False, elem_id="downloads")
-        outputs = [shown, depth, cloud, files, timing]
+                    shown.render()
+                    depth.render()
+                cloud.render()
+                files.render()
         upload.upload(predict, [upload, scene, prompt], outputs)
         button.click(predict, [upload, scene, prompt], outputs)
     # One request at a time (one model, one device); at most QUEUE_SIZE waiting.
