@@ -395,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vpd_jax.app`` / ``vpd-app``: exit 0 (stopped), 1 (a fixable failure) or 2 (a usage mistake)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("USE_TF", "0")  # transformers (for --clip) must not pull in TensorFlow
-    return run_tool(serve, argv)
+    try:
+        return run_tool(serve, argv)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads; once serving, Ctrl-C stops the app with 0
+        print("vpd-app: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
