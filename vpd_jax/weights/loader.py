@@ -197,8 +197,9 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     ckptr = ocp.PyTreeCheckpointer()
     for step in reversed(steps):
         item = root / str(step) / item_name
+        at = item.absolute()  # orbax reads OCDBT checkpoints from absolute paths only ("should be absolute")
         try:
-            stored = stored_shapes(item, ("params.", "batch_stats."))
+            stored = stored_shapes(at, ("params.", "batch_stats."))
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint raises anything
             notes.append(f"{item.parent} is damaged ({failure_cause(e)})")
             continue
@@ -206,12 +207,12 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
             raise WeightsError(f"{item}: does not fit the model of {origin or wd / WORKDIR_CONFIG} "
                                f"({len(stored)} stored arrays, the model has {len(want)}, shapes differ)")
         try:
-            out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+            out = ckptr.restore(at, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=_host_restore_args(target), partial_restore=True))
             if which == "latest":
                 const_target = {"class_embeddings": abstract["constants"]["class_embeddings"]}
                 out = {**out, "constants": ckptr.restore(
-                    item.parent / "constants", args=ocp.args.PyTreeRestore(
+                    at.parent / "constants", args=ocp.args.PyTreeRestore(
                         item=const_target, restore_args=_host_restore_args(const_target)))}
             variables = {k: _as_numpy(out[k]) for k in ("params", "batch_stats", "constants")}
             vc.check_shapes(abstract, variables, str(item))
