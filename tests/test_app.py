@@ -168,13 +168,14 @@ def app_server(ckpt, tmp_path_factory):
     _browser_or_skip()
     port = _free_port()
     tmp = tmp_path_factory.mktemp("app_tmp")
+    cwd = tmp_path_factory.mktemp("app_cwd")  # elsewhere: Gradio serves files under the working folder freely
     log = tmp_path_factory.mktemp("app_log") / "app.log"
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                VPD_COMPILATION_CACHE=str(ROOT / ".jax_cache"), JAX_DEFAULT_MATMUL_PRECISION="highest",
                GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "vpd_jax.app", "--checkpoint", str(ckpt), "--port", str(port),
-                                 *APP_FLAGS], cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 *APP_FLAGS], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 150
     while True:

@@ -372,8 +372,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
                           clip=text_encoder is not None, max_upload_mb=args.max_upload_mb)
         try:
             page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
-                        allowed_paths=[str(workdir / "examples")], show_error=False, ssr_mode=False,
-                        inbrowser=False, share=False)
+                        allowed_paths=[str(workdir / "examples"), str(service.results)], show_error=False,
+                        ssr_mode=False, inbrowser=False, share=False)
         except OSError as e:
             raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({_reason(e)})") from None
         finally:
