@@ -262,7 +262,7 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
         depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False, height=320,
                          elem_id="depth_image", render=False)
         cloud = gr.Model3D(label="Point cloud (drag to turn, scroll to zoom)", clear_color=(1, 1, 1, 1),
-                           camera_position=(-90, 90, None), interactive=False, elem_id="cloud", render=False)
+                           camera_position=(90, 90, None), interactive=False, elem_id="cloud", render=False)
         files = gr.File(label="Downloads: 16-bit PNG (mm), .npy (m), .ply", file_count="multiple",
                         interactive=False, elem_id="downloads", render=False)
         outputs = [shown, depth, cloud, files, timing]
@@ -368,7 +368,9 @@ def serve(argv: Sequence[str] | None = None) -> int:
               flush=True)
         print(f"vpd-app: ready in {service.warm_up():.1f} s", file=sys.stderr, flush=True)
         examples = write_examples(workdir / "examples")
-        page = build_page(service, model_note=describe_model(source, demo, predictor), examples=examples,
+        shown = os.path.relpath(source) if pathlib.Path(source).resolve().is_relative_to(pathlib.Path.cwd()) \
+            else source
+        page = build_page(service, model_note=describe_model(shown, demo, predictor), examples=examples,
                           clip=text_encoder is not None, max_upload_mb=args.max_upload_mb)
         try:
             page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
