@@ -12,6 +12,7 @@ chromedriver (Debian packages ``chromium chromium-driver``) or without selenium 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import pathlib
 import shutil
@@ -277,7 +278,12 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
     np.testing.assert_array_equal(got, expected)
     cloud = d.find_element(By.CSS_SELECTOR, "#cloud canvas")
     assert cloud.size["width"] > 100 and cloud.size["height"] > 100
-    time.sleep(1.0)  # let the 3-D view draw before the picture is taken
+
+    def drawn():  # the points are drawn: pixels of the 3-D view that are not its white background
+        with Image.open(io.BytesIO(cloud.screenshot_as_png)) as im:
+            return int((np.asarray(im.convert("RGB")).min(-1) < 200).sum())
+
+    print("3-D view pixels drawn:", _wait("points in the 3-D view", lambda: drawn() > 500, driver=d) and drawn())
     assert d.save_screenshot(str(tmp_path / "app.png"))
 
     # Files the app must refuse: a message on the page, and the app serves the next request.
