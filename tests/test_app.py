@@ -119,7 +119,7 @@ def test_service_answers_and_refuses(tmp_path, predictor):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["--port", "70000"], 2, "--port 70000: expected 0..65535"),
+    (["--port", "70000"], 2, "--port 70000: expected 1..65535"),
     (["--max_pixels", "0"], 2, "--max_pixels 0: expected a positive number"),
     (["--nope"], 2, "unrecognized arguments: --nope"),
     (["--cmap", "no_such_map"], 2, "unknown colormap"),
@@ -132,6 +132,17 @@ def test_command_line_mistakes(argv, code, message, capsys):
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(ckpt, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        t0 = time.perf_counter()
+        assert main(["--checkpoint", str(ckpt), "--port", str(s.getsockname()[1])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot listen there" in err[0] and "choose another --port" in err[0], err
+    assert time.perf_counter() - t0 < 5  # nothing was loaded or compiled
 
 
 def test_no_checkpoint_and_no_demo_model_says_run_make_demo(tmp_path, monkeypatch, capsys):

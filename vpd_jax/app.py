@@ -307,6 +307,24 @@ def _compile_cache():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _check_port(host: str, port: int):
+    """A ``UserError`` if ``host:port`` cannot be listened on (taken, or an address of another machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: not an address of this machine ({_reason(e)})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closed server's port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({_reason(e)}); "
+                            "choose another --port") from None
+
+
 def demo_checkpoint() -> pathlib.Path | None:
     """The workdir ``make demo`` trains (in the current folder or the checkout), if it holds a checkpoint."""
     for base in (pathlib.Path.cwd(), ROOT):
@@ -321,8 +339,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     for flag in ("crop", "stride", "batch_size", "max_pixels", "max_upload_mb", "max_points"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: expected a positive number")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: expected 0..65535")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 1..65535")
     try:
         vis._lut(args.cmap)
     except ValueError as e:
@@ -342,6 +360,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the app needs Gradio: pip install -r requirements-app.txt (or run `make app`)")
 
+    _check_port(args.host, args.port)  # before the model loads, which takes minutes with SD-1.5 weights
     _compile_cache()
     # The demo model saw whole 120x160 rooms: pictures are brought to that pixel scale (resize), not windowed.
     mode = args.mode or ("resize" if demo else "slide")
