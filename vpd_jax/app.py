@@ -125,6 +125,8 @@ class DepthService:
             if self.text_encoder is None:
                 raise UserError("free-text scenes need CLIP weights: start the app with --clip SOURCE")
             if prompt not in self._prompts:
+                if len(self._prompts) >= 256:  # a bounded cache of embedded prompts
+                    self._prompts.pop(next(iter(self._prompts)))
                 self._prompts[prompt] = np.asarray(self.text_encoder.embed([prompt])[0], np.float32)
             return self.predictor.with_embedding(self._prompts[prompt], Scene("prompt", prompt))
         if scene in (None, "", UNKNOWN_SCENE):
@@ -145,17 +147,17 @@ class DepthService:
             with Image.open(path) as im:
                 w, h = im.size
         except Image.DecompressionBombError:
-            raise UserError(f"{name}: the image is larger than {self.max_pixels:,} pixels, this app's "
-                            f"limit (--max_pixels)") from None
+            raise UserError(f"{name}: the image has more pixels than can be opened safely (over "
+                            f"{2 * Image.MAX_IMAGE_PIXELS:,}); make it smaller and try again") from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for files that are not images
-            raise UserError(f"{name}: not a readable image ({_reason(e)})") from None
+            raise UserError(f"{name}: not a readable image ({_reason(e, path)})") from None
         if w * h > self.max_pixels:
             raise UserError(f"{name}: {w}x{h} is {w * h:,} pixels, larger than this app's limit of "
                             f"{self.max_pixels:,} (--max_pixels); make it smaller and try again")
         try:
             return load_image(path)
         except Exception as e:  # noqa: BLE001 - truncated or damaged data shows up only when decoding
-            raise UserError(f"{name}: not a readable image ({_reason(e)})") from None
+            raise UserError(f"{name}: not a readable image ({_reason(e, path)})") from None
 
     def run(self, path: str | os.PathLike, scene: str | None = None, prompt: str | None = None) -> Result:
         self._prune()
@@ -190,8 +192,12 @@ class DepthService:
                 pass
 
 
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _reason(e: BaseException, path=None) -> str:
+    """An exception as a short phrase for the page; the server-side path of an upload shown as its name only."""
+    text = str(e)
+    if path is not None:
+        text = text.replace(str(path), pathlib.Path(path).name)
+    text = " ".join(text.split()) or type(e).__name__
     return text[:200]
 
 
