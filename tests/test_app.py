@@ -119,6 +119,23 @@ def test_service_answers_and_refuses(tmp_path, predictor):
         service.run(path, prompt="a photo of a garage")
 
 
+def test_free_text_scene_goes_through_the_text_encoder(tmp_path, predictor):
+    class Encoder:  # stands in for TextEncoder (CLIP weights are not available offline)
+        calls = []
+
+        def embed(self, prompts):
+            self.calls.append(list(prompts))
+            return np.full((len(prompts), predictor.config.text_dim), 0.25, np.float32)
+
+    service = DepthService(predictor, tmp_path / "work", text_encoder=Encoder())
+    p = service.conditioned(UNKNOWN_SCENE, "  a photo of a garage ")
+    assert str(p.scene) == "prompt 'a photo of a garage'" and (p.embedding == 0.25).all()
+    assert p._forward is predictor._forward and predictor.scene.kind == "mean"  # shared, and the original unchanged
+    service.conditioned(None, "a photo of a garage")
+    assert Encoder.calls == [["a photo of a garage"]]  # embedded once
+    assert service.conditioned("kitchen", "   ").scene.kind == "class"  # a blank box: the class
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["--port", "70000"], 2, "--port 70000: expected 1..65535"),
     (["--max_pixels", "0"], 2, "--max_pixels 0: expected a positive number"),
