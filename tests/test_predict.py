@@ -18,7 +18,6 @@ import subprocess
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,43 +26,13 @@ from PIL import Image
 from vpd_jax import visualize as vis
 from vpd_jax.evaluation import tta
 from vpd_jax.inference import Outputs, Predictor, gather_inputs, load_image, predict_files, working_size
-from vpd_jax.models.unet import UNetConfig
-from vpd_jax.models.vae import VAEConfig
-from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_class_embeddings
-from vpd_jax.weights import vpd_checkpoint as vc
+from vpd_jax.models.vpd import VPDConfig
+from vpd_jax.weights.testing import micro_config, save_micro_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CROP = 64
 # (H, W) of the issue's inputs; "1024x768" is a landscape 1024 wide.
 SIZES = {"odd": (333, 517), "nyu": (480, 640), "big": (768, 1024)}
-
-
-def micro_config() -> VPDConfig:
-    unet = UNetConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, attention_head_dim=2,
-                      cross_attention_dim=32, norm_num_groups=8)
-    vae = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    return VPDConfig.tiny(unet=unet, vae=vae)
-
-
-def random_variables(cfg: VPDConfig, seed: int = 0) -> dict:
-    """Fan-in scaled random weights in numpy (no jax.random: its first call compiles for seconds on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name in ("scale", "var"):
-            return np.ones(s.shape, np.float32)
-        if name in ("bias", "mean"):
-            return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-        if name == "kernel":
-            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-        return (0.5 * rng.standard_normal(s.shape)).astype(np.float32)
-
-    v = jax.tree_util.tree_map_with_path(fill, abstract_variables(VPDDepth(cfg)))
-    # The depth head's last conv at a larger scale, so that depth spreads over metres, not around 5 m.
-    v["params"]["head"]["depth"]["conv_1"]["kernel"] *= 20
-    table = rng.standard_normal((27, cfg.text_dim)).astype(np.float32) * 3
-    return with_class_embeddings(v, table)
 
 
 def rand_image(h, w, seed=0, channels=3):
@@ -78,10 +47,7 @@ def rand_image(h, w, seed=0, channels=3):
 
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
-    cfg = micro_config()
-    conv = vc.Conversion(variables=random_variables(cfg), config=cfg, format="official", skipped={},
-                         source="test_predict micro model")
-    return vc.save_converted(conv, tmp_path_factory.mktemp("ckpt") / "micro")
+    return save_micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro")
 
 
 @pytest.fixture(scope="session")

@@ -142,7 +142,9 @@ def test_eval_cli_workdir_and_predictions(full_run, data_dir, tmp_path):
     wd, _ = full_run
     out = tmp_path / "m.json"
     preds = tmp_path / "preds"
-    p = _run("eval.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={wd}", "--which=latest",
+    # A workdir named relative to the working folder (eval.py runs in the repository root), as users type it.
+    rel = os.path.relpath(wd, ROOT)
+    p = _run("eval.py", *COMMON, f"--config.data_dir={data_dir}", f"--workdir={rel}", "--which=latest",
              f"--output={out}", f"--save_predictions={preds}")
     assert "rmse" in p.stdout and "abs_rel" in p.stdout
     m = json.loads(out.read_text())
