@@ -292,6 +292,8 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
                    and t, driver=d)
     assert "Depth in" in timing and "unknown scene" in timing
     _wait("the depth picture", lambda: d.find_elements(By.CSS_SELECTOR, "#depth_image img"), driver=d)
+    _wait("the slider between input and depth", lambda: len(d.find_elements(By.CSS_SELECTOR, "#slider img")) == 2,
+          driver=d)
     _wait("the 3-D view", lambda: d.find_elements(By.CSS_SELECTOR, "#cloud canvas"), driver=d)
     links = _wait("three downloads", lambda: (a := d.find_elements(By.CSS_SELECTOR, "#downloads a[href]"))
                   and len(a) == 3 and a, driver=d)

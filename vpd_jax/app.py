@@ -5,9 +5,10 @@
 
 The model is loaded (and compiled, on a blank window) once at start; every request then runs the same compiled
 forward through ``Predictor.predict`` (any image size; the scene row is an argument, so changing the scene costs
-nothing). The page shows the input, the depth in colour with a metre scale, the point cloud (a .glb with the
-points of ``predict.py --ply``: NYU's intrinsics scaled to the image), the time the prediction took, and offers
-the 16-bit PNG (millimetres), the .npy (metres) and the .ply. Requests are queued and run one at a time.
+nothing). The page shows the input, the depth in colour with a metre scale, a slider between the two, the point
+cloud (a .glb with the points of ``predict.py --ply``: NYU's intrinsics scaled to the image), the time the
+prediction took, and offers the 16-bit PNG (millimetres), the .npy (metres) and the .ply. Requests are queued and
+run one at a time.
 
 Everything the app writes (uploads, results, the example pictures) goes into one temporary folder that is
 removed when the app stops (Ctrl-C or SIGTERM); results older than ``RESULT_AGE_S`` are removed while it runs.
@@ -255,7 +256,9 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
         text = (f"**Depth in {r.seconds:.2f} s** for {w}x{h} pixels; {r.scene}; "
                 f"{lo:.2f} to {hi:.2f} m.")
         print(f"vpd-app: {pathlib.Path(path).name} {w}x{h} in {r.seconds:.2f} s", file=sys.stderr, flush=True)
-        return r.image, r.color, str(r.glb) if r.glb else None, [str(f) for f in r.files], text
+        plain = vis.colorize(r.depth, lo, hi, service.cmap)  # the slider's pair: same size as the input
+        return (r.image, r.color, (r.image, plain), str(r.glb) if r.glb else None, [str(f) for f in r.files],
+                text)
 
     scenes = [UNKNOWN_SCENE, *NYU_CLASSES]
     suffixes = sorted({*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)})
@@ -267,11 +270,13 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
                          render=False)
         depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False, height=320,
                          elem_id="depth_image", render=False)
+        slider = gr.ImageSlider(label="Slide between the input and its depth", format="png", interactive=False,
+                                height=360, elem_id="slider", render=False)
         cloud = gr.Model3D(label="Point cloud (drag to turn, scroll to zoom)", clear_color=(1, 1, 1, 1),
                            camera_position=(90, 90, None), interactive=False, elem_id="cloud", render=False)
         files = gr.File(label="Downloads: 16-bit PNG (mm), .npy (m), .ply", file_count="multiple",
                         interactive=False, elem_id="downloads", render=False)
-        outputs = [shown, depth, cloud, files, timing]
+        outputs = [shown, depth, slider, cloud, files, timing]
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 upload = gr.File(label=f"Image (JPEG, PNG, WebP, BMP, TIFF; up to {max_upload_mb} MB and "
@@ -291,6 +296,7 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
                 with gr.Row():
                     shown.render()
                     depth.render()
+                slider.render()
                 cloud.render()
                 files.render()
         upload.upload(predict, [upload, scene, prompt], outputs)
