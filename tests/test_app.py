@@ -1,12 +1,14 @@
 """The web page (``python -m vpd_jax.app``): its work without a browser, then the real page in headless Chromium.
 
-The browser test starts the app in a subprocess on a free localhost port with a micro checkpoint (random
-weights, crop 64: one compile of a few seconds), uploads a synthetic room, waits for the depth picture and the
-3-D view, downloads the 16-bit PNG and compares it with ``Predictor.predict`` on the same image in this
-process, saves a screenshot under the test's tmp_path, then sends files the app must refuse (a text file named
-.jpg, a truncated JPEG, an image over --max_pixels, a file over --max_upload_mb) and checks that each shows its
-message on the page and that the app still serves the next picture. It skips, saying why, without chromium +
-chromedriver (Debian packages ``chromium chromium-driver``) or without selenium and gradio (requirements-app.txt).
+The browser test starts the app in a subprocess on a free localhost port with a micro checkpoint (random weights,
+crop 64: one compile of a few seconds), uploads a synthetic room, waits for the depth picture and the 3-D view,
+downloads the 16-bit PNG and compares it with ``Predictor.predict`` on the same image in this process, saves a
+screenshot under the test's tmp_path, pastes a picture through the browser's clipboard (permission granted through
+CDP) and checks its depth the same way and that one over --max_pixels is refused, then sends files the app must
+refuse (a text file named .jpg, a truncated JPEG, an image over --max_pixels, a file over --max_upload_mb) and
+checks that each shows its message on the page and that the app still serves the next picture. It skips, saying why,
+without chromium + chromedriver (Debian packages ``chromium chromium-driver``) or without selenium and gradio
+(requirements-app.txt).
 """
 
 from __future__ import annotations
@@ -276,6 +278,41 @@ def _upload(driver, path: pathlib.Path):
     field.send_keys(str(path))
 
 
+def _paste(driver, url: str, png: bytes):
+    """Put ``png`` on the browser's clipboard (Clipboard API, permission granted through CDP) and click the paste
+    box, whose button reads the clipboard (clearing the previous picture first)."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    driver.execute_cdp_cmd("Browser.grantPermissions", {
+        "origin": url.rstrip("/"), "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    written = driver.execute_async_script(
+        "const [data, done] = arguments;"
+        "fetch(data).then(r => r.blob()).then(b => navigator.clipboard.write([new ClipboardItem({'image/png': b})]))"
+        ".then(() => done('ok'), e => done(String(e)));", "data:image/png;base64," + base64.b64encode(png).decode())
+    assert written == "ok", written
+    if not driver.find_elements(By.CSS_SELECTOR, "#paste .upload-container button"):
+        for b in driver.find_elements(By.CSS_SELECTOR, "#paste button[aria-label='Clear']"):
+            driver.execute_script("arguments[0].click();", b)
+    button = _wait("the paste button", lambda: driver.find_elements(By.CSS_SELECTOR, "#paste .upload-container button"),
+                   driver=driver)[0]
+    driver.execute_script("arguments[0].click();", button)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _download(url: str, path: pathlib.Path) -> np.ndarray:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        path.write_bytes(r.read())
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
 def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -299,11 +336,7 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
                   and len(a) == 3 and a, driver=d)
     hrefs = {pathlib.PurePosixPath(a.get_attribute("href")).name: a.get_attribute("href") for a in links}
     assert set(hrefs) == {"living_depth.png", "living_depth.npy", "living.ply"}, hrefs
-    png = tmp_path / "downloaded_depth.png"
-    with urllib.request.urlopen(hrefs["living_depth.png"], timeout=30) as r:
-        png.write_bytes(r.read())
-    with Image.open(png) as im:
-        got = np.asarray(im)
+    got = _download(hrefs["living_depth.png"], tmp_path / "downloaded_depth.png")
     expected = vis.depth_to_png16(predictor.predict(load_image(good)))
     assert got.dtype == np.uint16 and got.shape == (96, 128)
     np.testing.assert_array_equal(got, expected)
@@ -316,6 +349,24 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
 
     print("3-D view pixels drawn:", _wait("points in the 3-D view", lambda: drawn() > 500, driver=d) and drawn())
     assert d.save_screenshot(str(tmp_path / "app.png"))
+
+    # A picture pasted from the clipboard: the same prediction, files named after Gradio's clipboard.png.
+    pasted = synthetic.generate_scene(11, 2, 0, 72, 88, split="test").image
+    _paste(d, url, _png(pasted))
+    _wait("the pasted picture's depth", lambda: "for 88x72 pixels" in d.find_element(By.ID, "timing").text,
+          driver=d)
+    link = _wait("the pasted picture's 16-bit PNG", lambda: [a.get_attribute("href") for a in d.find_elements(
+        By.CSS_SELECTOR, "#downloads a[href]") if a.get_attribute("href").endswith("/clipboard_depth.png")], driver=d)
+    got = _download(link[0], tmp_path / "pasted_depth.png")
+    np.testing.assert_array_equal(got, vis.depth_to_png16(predictor.predict(pasted)))
+    # The paste cleared the upload box, so the button runs the pasted picture; one over --max_pixels is refused.
+    assert d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]")
+    d.execute_script("arguments[0].click();", d.find_element(By.ID, "run"))
+    _wait("the button's run on the pasted picture", lambda: log.read_text().count("vpd-app: clipboard.png 88x72") == 2,
+          driver=d)
+    _paste(d, url, _png(np.full((600, 800, 3), 120, np.uint8)))
+    _wait("the message for the big pasted picture", lambda: "clipboard.png: 800x600 is 480,000 pixels" in body(),
+          driver=d)
 
     # Files the app must refuse: a message on the page, and the app serves the next request.
     for name, (f, message) in bad_files(tmp_path / "bad").items():
@@ -332,6 +383,7 @@ def test_page_in_a_browser(app_server, browser, predictor, tmp_path):
     _upload(d, again)
     _wait("the next picture's depth", lambda: "for 100x80 pixels" in d.find_element(By.ID, "timing").text,
           driver=d)
+    assert not d.find_elements(By.CSS_SELECTOR, "#paste img")  # an upload clears the pasted picture
     # An example runs on a click, with its scene.
     example = d.find_element(By.XPATH, "//button[contains(., 'room2_')]")
     d.execute_script("arguments[0].click();", example)

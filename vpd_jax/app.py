@@ -10,9 +10,12 @@ cloud (a .glb with the points of ``predict.py --ply``: NYU's intrinsics scaled t
 prediction took, and offers the 16-bit PNG (millimetres), the .npy (metres) and the .ply. Requests are queued and
 run one at a time.
 
-Everything the app writes (uploads, results, the example pictures) goes into one temporary folder that is
-removed when the app stops (Ctrl-C or SIGTERM); results older than ``RESULT_AGE_S`` are removed while it runs.
-Gradio is imported inside ``build_page`` and ``serve``, so ``--help`` and the flag checks do not pay for it.
+A picture comes from the upload box (the file as sent), the paste box (the PNG the browser puts on the
+clipboard, kept as sent) or an example; all go through ``DepthService.run``.
+
+Everything the app writes (uploads, pasted pictures, results, the example pictures) goes into one temporary folder
+that is removed when the app stops (Ctrl-C or SIGTERM); results older than ``RESULT_AGE_S`` are removed while it
+runs. Gradio is imported inside ``build_page`` and ``serve``, so ``--help`` and the flag checks do not pay for it.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ NUM_EXAMPLES = 3
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="python -m vpd_jax.app",
-        description="A web page for VPD depth: upload a picture (or pick an example), get its depth as a colour "
-                    "map, a 3-D point cloud and 16-bit PNG / .npy / .ply files. Without --checkpoint it serves "
+        description="A web page for VPD depth: upload or paste a picture (or pick an example), get its depth as a "
+                    "colour map, a 3-D point cloud and 16-bit PNG / .npy / .ply files. Without --checkpoint it serves "
                     "the demo model that `make demo` trained (demo_out/workdir).",
     )
     ap.add_argument("--checkpoint", metavar="SRC",
@@ -243,7 +246,7 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
 
     def predict(path, scene, prompt):
         if not path:
-            raise gr.Error("Upload an image first (or pick an example).", print_exception=False)
+            raise gr.Error("Upload or paste an image first (or pick an example).", print_exception=False)
         try:
             r = service.run(path, scene, prompt)
         except UserError as e:
@@ -265,7 +268,7 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
     with gr.Blocks(title="VPD depth", delete_cache=(600, RESULT_AGE_S)) as page:
         gr.Markdown("## VPD depth estimation\n" + model_note)
         # The results first (unrendered), so that the examples in the left column can run the prediction.
-        timing = gr.Markdown("Upload an image to see its depth.", elem_id="timing", render=False)
+        timing = gr.Markdown("Upload or paste an image to see its depth.", elem_id="timing", render=False)
         shown = gr.Image(label="Input", format="png", interactive=False, height=320, elem_id="input_image",
                          render=False)
         depth = gr.Image(label="Depth (colour scale in metres)", format="png", interactive=False, height=320,
@@ -282,6 +285,11 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
                 upload = gr.File(label=f"Image (JPEG, PNG, WebP, BMP, TIFF; up to {max_upload_mb} MB and "
                                        f"{service.max_pixels / 1e6:g} MP)", file_types=suffixes, type="filepath",
                                  elem_id="upload")
+                # Gradio keeps a pasted picture as the file the browser sent (clipboard.png) in the same temporary
+                # folder as uploads; with image_mode=None (not its default "RGB", which would convert and re-save
+                # it) the path comes untouched, so it reaches DepthService.read like an upload.
+                paste = gr.Image(sources=["clipboard"], type="filepath", image_mode=None, label="... or paste a "
+                                 "picture (click the box to read the clipboard)", height=160, elem_id="paste")
                 scene = gr.Dropdown(scenes, value=UNKNOWN_SCENE, label="Scene (NYU class)", elem_id="scene")
                 prompt = gr.Textbox(label="Scene in words (CLIP; overrides the class when filled)",
                                     placeholder="a photo of a garage", visible=clip, elem_id="prompt")
@@ -299,8 +307,14 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
                 slider.render()
                 cloud.render()
                 files.render()
+        # The newest picture wins: an upload clears the pasted one and a paste the upload; the button runs the
+        # upload if there is one, else the pasted picture.
         upload.upload(predict, [upload, scene, prompt], outputs)
-        button.click(predict, [upload, scene, prompt], outputs)
+        upload.upload(lambda: None, None, paste, queue=False, show_progress="hidden")
+        paste.upload(predict, [paste, scene, prompt], outputs)
+        paste.upload(lambda: None, None, upload, queue=False, show_progress="hidden")
+        button.click(lambda up, pasted, sc, pr: predict(up or pasted, sc, pr), [upload, paste, scene, prompt],
+                     outputs)
     # One request at a time (one model, one device); at most QUEUE_SIZE waiting.
     page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return page
