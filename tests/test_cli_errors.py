@@ -32,6 +32,7 @@ def places(tmp_path_factory):
     (root / "a_file").write_text("not a folder")
     (root / "empty").mkdir()
     (root / "table.npy").mkdir()
+    (root / "classes.txt").write_text("# only a comment\n")
     return root
 
 
@@ -87,6 +88,17 @@ CASES = [
                                         "--out", "{tmp}/t.npy"], 1, "clip"),
     ("class_embeddings: out is a folder", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
                                            "--out", "{tmp}/table.npy"], 2, "table.npy"),
+    ("class_embeddings: empty class name", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
+                                            "--out", "{tmp}/t.npy", "--classes", "kitchen,,garage"], 2, "entry 2"),
+    ("class_embeddings: duplicate class", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
+                                           "--out", "{tmp}/t.npy", "--classes", "kitchen,garage,kitchen"], 2,
+     "'kitchen' repeats entry 1"),
+    ("class_embeddings: a file to --classes", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
+                                               "--out", "{tmp}/t.npy", "--classes", "{tmp}/classes.txt"], 2,
+     "use --classes_file"),
+    ("class_embeddings: no class names", ["-m", "vpd_jax.tools.class_embeddings", "--clip", "{tmp}/clip",
+                                          "--out", "{tmp}/t.npy", "--classes_file", "{tmp}/classes.txt"], 2,
+     "no class names"),
     ("prepare: data_dir under a file", ["-m", "vpd_jax.data.prepare", "--source", "synthetic", "--data_dir",
                                         "{tmp}/a_file/d"], 2, "a_file"),
     ("prepare: missing flag", ["-m", "vpd_jax.data.prepare", "--source", "bts", "--data_dir", "{tmp}/d"], 2,
