@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The prepared device check for a session lent a GPU (the `device` tool): one call, about 8 minutes on an H100/H200.
+# The GPU check: one run, about 8 minutes on an H100/H200.
 #
 #   * the full-size bf16 train step at batch 8, row-major state vs state_layout=auto, with the kernel table
 #     (--profile), the kernels / memory-bound GiB proxy of each case and the optimized HLO (gzipped);
 #   * the GPU-only tests (cuDNN attention and its head-dim-160 fallback).
 #
-# The device image has jax, flax, optax, orbax and torch but not diffusers or ml_collections: carry their wheels.
-#   here, once:  .venv/bin/pip download --no-deps -d .whl diffusers==0.39.0 ml-collections==1.1.0
-#                mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
-#   then:        run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# Everything lands in $OUT (8 files at most: what the device tool brings back). A smoke run on any machine:
+# It needs jax with CUDA, flax, optax, orbax, torch, diffusers and ml_collections (requirements.txt). On a GPU
+# machine without package access, put the last two as wheels in .whl/ and they are installed from there:
+#   pip download --no-deps -d .whl diffusers==0.39.0 ml-collections==1.1.0
+# Run:
+#   OUT=results/ bash benchmarks/gpu_check.sh
+# Everything lands in $OUT (8 files). A smoke run on any machine:
 #   OUT=/tmp/gpu_check PY=.venv/bin/python BENCH="--model tiny --size 64 --batch 2 --steps 2" TESTS=0 \
 #       bash benchmarks/gpu_check.sh
 set -uo pipefail

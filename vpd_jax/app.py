@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vpd_jax import visualize as vis
-from vpd_jax.console import ArgumentParser, run_tool
+from vpd_jax.console import ArgumentParser, run_tool, use_compile_cache
 from vpd_jax.errors import UsageError, UserError
 from vpd_jax.inference.images import IMAGE_SUFFIXES, load_image
 from vpd_jax.inference.predictor import MODES, Predictor, Scene
@@ -323,16 +323,6 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
 # ------------------------------------------------------------------------------------------- the command
 
 
-def _compile_cache():
-    """The persistent compile cache of the other entry points (``VPD_COMPILATION_CACHE``, else ./.jax_cache)."""
-    import jax
-
-    cache = os.environ.get("VPD_COMPILATION_CACHE", os.path.join(os.getcwd(), ".jax_cache"))
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def _check_port(host: str, port: int):
     """A ``UserError`` if ``host:port`` cannot be listened on (taken, or an address of another machine)."""
     import socket
@@ -387,7 +377,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         raise UserError("the app needs Gradio: pip install -r requirements-app.txt (or run `make app`)")
 
     _check_port(args.host, args.port)  # before the model loads, which takes minutes with SD-1.5 weights
-    _compile_cache()
+    use_compile_cache()
     # The demo model saw whole 120x160 rooms: pictures are brought to that pixel scale (resize), not windowed.
     mode = args.mode or ("resize" if demo else "slide")
     predictor = Predictor.from_checkpoint(source, mode=mode, batch_size=args.batch_size, crop=args.crop,

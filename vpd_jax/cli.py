@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from vpd_jax import evaluate, parallel
-from vpd_jax.console import check_output_file, check_output_folder, say_error
+from vpd_jax.console import check_output_file, check_output_folder, say_error, use_compile_cache
 from vpd_jax.errors import ConfigError, UsageError, UserError
 from vpd_jax.training import trainer
 
@@ -29,10 +29,7 @@ def setup_jax(config=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds INFO lines would bury the training log
 
     parallel.initialize_distributed()
-    cache = os.environ.get("VPD_COMPILATION_CACHE", os.path.join(os.getcwd(), ".jax_cache"))
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    use_compile_cache()
     if jax.default_backend() == "cpu":
         jax.config.update("jax_threefry_partitionable", False)
     precision = getattr(getattr(config, "model", None), "matmul_precision", "default") or "default"

@@ -35,6 +35,17 @@ def say_error(e: BaseException | str) -> None:
     print(f"error: {text}", file=sys.stderr, flush=True)
 
 
+def use_compile_cache() -> None:
+    """JAX's persistent compile cache for an entry point: ``VPD_COMPILATION_CACHE`` (empty: none), else
+    ``./.jax_cache``; compilations of a second or more are kept."""
+    import jax
+
+    cache = os.environ.get("VPD_COMPILATION_CACHE", os.path.join(os.getcwd(), ".jax_cache"))
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _file_above(path: pathlib.Path) -> pathlib.Path | None:
     """The first existing parent of ``path`` that is not a folder (a folder cannot be created under it)."""
     for parent in path.absolute().parents:

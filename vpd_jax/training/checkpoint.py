@@ -41,12 +41,6 @@ DAMAGED = "damaged"  # workdir/damaged/checkpoints_<step>: checkpoints that coul
 log = logging.getLogger(__name__)
 
 
-def _ocp():
-    ocp = orbax()
-
-    return ocp
-
-
 def _abstract(tree):
     """ShapeDtypeStructs carrying the shardings of ``tree`` (arrays or ShapeDtypeStructs with .sharding)."""
     return jax.tree.map(
@@ -58,7 +52,7 @@ class Checkpointer:
     """The latest-K manager and the best-by-RMSE manager of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-        ocp = _ocp()
+        ocp = orbax()
         self.workdir = os.path.abspath(workdir)
         # cleanup_tmp_directories: the unfinished folders of a save that failed (a full disk) go on the next start.
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -72,7 +66,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, state, constants, data_state: bytes | None, meta: dict, *, force: bool = False) -> bool:
-        ocp = _ocp()
+        ocp = orbax()
         step = int(jax.device_get(state.step))
         data = {"loader": data_state.decode() if data_state else None}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), constants=ocp.args.StandardSave(constants),
@@ -81,7 +75,7 @@ class Checkpointer:
         return self.latest.save(step, args=args, force=force)
 
     def save_best(self, state, constants, meta: dict) -> None:
-        ocp = _ocp()
+        ocp = orbax()
         step = int(jax.device_get(state.step))
         model = {"params": state.params, "batch_stats": state.batch_stats, "constants": constants}
         self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
@@ -103,11 +97,11 @@ class Checkpointer:
         step = self.best.latest_step()
         if step is None:
             return None
-        return dict(self.best.restore(step, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore())).meta)
+        return dict(self.best.restore(step, args=orbax().args.Composite(meta=orbax().args.JsonRestore())).meta)
 
     def restore(self, abstract_state, abstract_constants, step: int | None = None):
         """``(state, constants, data_state, meta)`` of ``step`` (default latest) in ``abstract_state``'s shardings."""
-        ocp = _ocp()
+        ocp = orbax()
         step = self.latest.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.latest.directory}")
@@ -144,7 +138,7 @@ def best_meta(workdir: str) -> dict | None:
 
 
 def _restore_step(root: str, step: int, abstract_state, abstract_constants):
-    ocp = _ocp()
+    ocp = orbax()
     mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                                 item_names=STATE_ITEMS)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),

@@ -120,7 +120,8 @@ def stored_shapes(item: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> li
     metadata alone. Raises whatever orbax raises when the metadata cannot be read (a damaged checkpoint)."""
     ocp = orbax()
 
-    meta = ocp.PyTreeCheckpointer().metadata(item)
+    # orbax reads OCDBT checkpoints from absolute paths only (a relative one fails as unreadable metadata).
+    meta = ocp.PyTreeCheckpointer().metadata(pathlib.Path(item).absolute())
     meta = getattr(meta, "item_metadata", meta)  # orbax 0.12: StepMetadata -> the tree's metadata
     meta = getattr(meta, "tree", meta)
     if not isinstance(meta, Mapping):
@@ -197,9 +198,9 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     ckptr = ocp.PyTreeCheckpointer()
     for step in reversed(steps):
         item = root / str(step) / item_name
-        at = item.absolute()  # orbax reads OCDBT checkpoints from absolute paths only ("should be absolute")
+        at = item.absolute()  # orbax reads OCDBT checkpoints from absolute paths only
         try:
-            stored = stored_shapes(at, ("params.", "batch_stats."))
+            stored = stored_shapes(item, ("params.", "batch_stats."))
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint raises anything
             notes.append(f"{item.parent} is damaged ({failure_cause(e)})")
             continue

@@ -3,7 +3,7 @@
 ``micro_config`` narrows ``VPDConfig.tiny`` further (4 UNet levels of 32 channels, an 8-channel VAE, one layer
 per block); ``random_variables`` fills it with fan-in scaled random weights drawn in numpy (jax.random's first
 call compiles for seconds on CPU); ``save_micro_checkpoint`` writes it as a converted checkpoint folder that
-``Predictor.from_checkpoint`` and every command read. Same pattern as tests/test_predict.py's micro model.
+``Predictor.from_checkpoint`` and every command read (tests/test_predict.py and tests/test_app.py use it).
 """
 
 from __future__ import annotations
