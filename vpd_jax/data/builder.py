@@ -1,13 +1,17 @@
-"""TFDS builders: ``nyu_vpd/<source>`` (our array_record NYUv2 in VPD's layouts) and the stock ``nyu_depth_v2``.
+"""TFDS builders of our array_record depth datasets, and the stock ``nyu_depth_v2``.
 
-``nyu_vpd`` features (one example per image):
+Datasets (``<name>/<config>``): ``nyu_vpd/<source>`` (NYUv2 in the layouts VPD users have), ``kitti_vpd/eigen``
+(KITTI, Eigen split) and ``depth_folder/<name>`` (any folder of image/depth pairs). One feature set for all,
+one example per image:
 
-* ``image``: uint8 (H, W, 3) RGB (480x640 for real NYU data). The source file's bytes are stored unchanged
-  (the BTS/mmseg JPEGs), so reading decodes the very pixels the reference's ``cv2.imread`` sees.
-* ``depth``: float32 (H, W) metres, 0 = invalid (uint16 mm / 1000 for real data), zlib-compressed.
-* ``scene``: the scene directory (``kitchen_0028b``) or scene type (``bathroom``).
-* ``file_name``: ``<scene_dir>/rgb_NNNNN.jpg`` (mmseg layout: the flattened name).
-* ``class_id``: the official class rule's id (0..26); ``class_id_mmseg``: the mmseg rule's (0..27).
+* ``image``: uint8 (H, W, 3) RGB, any size (480x640 for real NYU data). The source file's bytes are stored
+  unchanged (JPEG/PNG), so reading decodes the very pixels the reference's ``cv2.imread`` sees.
+* ``depth``: float32 (H, W) metres, 0 = invalid (NYU: uint16 mm / 1000; KITTI: uint16 / 256), zlib-compressed.
+* ``scene``: NYU's scene directory (``kitchen_0028b``) or scene type (``bathroom``); KITTI's drive
+  (``2011_09_26_drive_0002_sync``); a folder dataset's scene name (``--scene_from``), or "".
+* ``file_name``: the image's path relative to its source root (``<scene_dir>/rgb_NNNNN.jpg``, ...).
+* ``class_id``: NYU's official class rule's id (0..26); ``class_id_mmseg``: the mmseg rule's (0..27). Datasets
+  without NYU scene classes store -1 in both; their rows come from the run's ``class_rule`` at load time.
 
 Building writes into a staging directory next to the target and moves the finished version into place, so a
 failed or interrupted build never damages a dataset already prepared under ``data_dir``. Bad pairs are
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -32,6 +37,16 @@ from vpd_jax.data.sources import BadInput, Item
 NAME = "nyu_vpd"
 VERSION = "1.0.0"
 SOURCES = ("bts", "mat", "mmseg", "synthetic")
+KITTI_NAME = "kitti_vpd"
+FOLDER_NAME = "depth_folder"
+# builder name -> (fixed configs (None: any name), homepage, what a config is)
+BUILDERS = {
+    NAME: (SOURCES, "https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html", "NYUv2 from the {} source"),
+    KITTI_NAME: (("eigen",), "https://www.cvlibs.net/datasets/kitti/eval_depth_all.php",
+                 "KITTI raw drives with the annotated depth maps, {} split"),
+    FOLDER_NAME: (None, "", "image/depth pairs of the folder dataset {!r}"),
+}
+NO_CLASS = -1  # class_id of examples without a NYU scene class
 STOCK_NAME = "nyu_depth_v2"
 STOCK_VERSION = "0.0.1"
 
@@ -60,17 +75,15 @@ class EmptySplit(ValueError):
     """Every pair of a split was bad (or it had none); nothing under ``data_dir`` was changed."""
 
 
-def _define_builders():
+def _define_builders() -> dict:
     """Creates the TFDS builder classes on first use (the import of tfds is deferred until then)."""
     import tensorflow_datasets as tfds
 
-    class NyuVpd(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """NYUv2 in the layouts VPD users have; configs name the source."""
+    class _DepthBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Examples from ``split_items`` (split -> callable giving :class:`Item`); bad ones reported and skipped."""
 
-        name = NAME
         VERSION = tfds.core.Version(VERSION)
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=s, description=f"NYUv2 from the {s} source")
-                           for s in SOURCES]
+        HOMEPAGE = ""
 
         def __init__(self, *, split_items: dict[str, Callable[[], Iterable[Item]]] | None = None,
                      split_sizes: dict[str, int] | None = None, report: PrepareReport | None = None, **kwargs):
@@ -90,7 +103,7 @@ def _define_builders():
                     "class_id": tfds.features.Scalar(dtype=np.int32),
                     "class_id_mmseg": tfds.features.Scalar(dtype=np.int32),
                 }),
-                homepage="https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html",
+                homepage=self.HOMEPAGE,
                 # Keep source order (e.g. the official test list's) instead of TFDS' key-hash order: the eval
                 # loader promises that order, and training shuffles in grain anyway.
                 disable_shuffling=True,
@@ -125,17 +138,26 @@ def _define_builders():
                 raise EmptySplit(f"split {split!r} has no usable image/depth pairs "
                                  f"({len(self._report.skipped)} skipped); nothing was written")
 
-    return NyuVpd
+    classes = {}
+    for builder_name, (configs, homepage, what) in BUILDERS.items():
+        attrs = {"name": builder_name, "HOMEPAGE": homepage, "__doc__": what.format("<config>"),
+                 "__module__": __name__}
+        if configs is not None:
+            attrs["BUILDER_CONFIGS"] = [tfds.core.BuilderConfig(name=c, description=what.format(c)) for c in configs]
+        classes[builder_name] = type(f"_{builder_name.title().replace('_', '')}", (_DepthBuilder,), attrs,
+                                     skip_registration=True)
+    return classes
 
 
-_BUILDER_CLS = None
+_BUILDER_CLASSES = None
 
 
-def builder_class():
-    global _BUILDER_CLS
-    if _BUILDER_CLS is None:
-        _BUILDER_CLS = _define_builders()
-    return _BUILDER_CLS
+def builder_class(name: str = NAME):
+    """The TFDS builder class of ``name`` (``nyu_vpd``, ``kitti_vpd`` or ``depth_folder``)."""
+    global _BUILDER_CLASSES
+    if _BUILDER_CLASSES is None:
+        _BUILDER_CLASSES = _define_builders()
+    return _BUILDER_CLASSES[name]
 
 
 def _quiet_stdout():
@@ -164,34 +186,55 @@ def _publish(staging: str, data_dir: str, rel: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_nyu_vpd(data_dir: str, source: str, split_items: dict[str, Callable[[], Iterable[Item]]],
+def check_config_name(name: str, config: str) -> None:
+    """``config`` must be one of ``name``'s fixed configs, or (folder datasets) a plain name."""
+    if name not in BUILDERS:
+        raise ValueError(f"dataset {name!r}: expected one of {tuple(BUILDERS)}")
+    fixed = BUILDERS[name][0]
+    if fixed is not None and config not in fixed:
+        raise ValueError(f"{name} config {config!r}: expected one of {fixed}")
+    if fixed is None and not re.fullmatch(r"[a-z0-9][a-z0-9_]*", config):
+        raise ValueError(f"dataset name {config!r}: expected lower-case letters, digits and _ (e.g. my_rooms)")
+
+
+def build_dataset(data_dir: str, name: str, config: str, split_items: dict[str, Callable[[], Iterable[Item]]],
                   split_sizes: dict[str, int] | None = None, report: PrepareReport | None = None) -> str:
-    """Builds ``nyu_vpd/<source>`` under ``data_dir`` from ``split_items`` (split -> callable giving Items).
+    """Builds ``<name>/<config>`` under ``data_dir`` from ``split_items`` (split -> callable giving Items).
 
     Returns the dataset directory. Raises :class:`StrictStop` on the first bad pair when ``report.strict``.
     """
-    if source not in SOURCES:
-        raise ValueError(f"source {source!r}: expected one of {SOURCES}")
+    check_config_name(name, config)
     _quiet_tf()
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # ours (per split, with skips) replaces TFDS' generic one
     report = report or PrepareReport()
     os.makedirs(data_dir, exist_ok=True)
-    staging = os.path.join(data_dir, f".staging-{NAME}-{source}-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(data_dir, f".staging-{name}-{config}-{uuid.uuid4().hex[:8]}")
+    cls = builder_class(name)
+    cfg = config if BUILDERS[name][0] is not None else tfds.core.BuilderConfig(
+        name=config, description=BUILDERS[name][2].format(config))
     try:
-        builder = builder_class()(config=source, data_dir=staging, file_format="array_record",
-                                  split_items=split_items, split_sizes=split_sizes, report=report)
+        builder = cls(config=cfg, data_dir=staging, file_format="array_record", split_items=split_items,
+                      split_sizes=split_sizes, report=report)
         try:
             with _quiet_stdout():
                 builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
         except BadInput as e:
             raise StrictStop(str(e)) from None
-        rel = os.path.join(NAME, source, VERSION)
+        rel = os.path.join(name, config, VERSION)
         _publish(staging, data_dir, rel)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return os.path.join(data_dir, NAME, source, VERSION)
+    return os.path.join(data_dir, name, config, VERSION)
+
+
+def build_nyu_vpd(data_dir: str, source: str, split_items: dict[str, Callable[[], Iterable[Item]]],
+                  split_sizes: dict[str, int] | None = None, report: PrepareReport | None = None) -> str:
+    """Builds ``nyu_vpd/<source>`` under ``data_dir`` (see :func:`build_dataset`)."""
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r}: expected one of {SOURCES}")
+    return build_dataset(data_dir, NAME, source, split_items, split_sizes, report)
 
 
 def build_stock_nyu_depth_v2(data_dir: str, extracted_dir: str) -> str:

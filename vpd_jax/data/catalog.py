@@ -1,10 +1,13 @@
 """Which datasets the loaders can read, where they live under a ``data_dir``, and the one-line error for a
-missing one. Pure Python (no TensorFlow/TFDS import), so the trainer can check its config up front."""
+missing one. Pure Python (no TensorFlow/TFDS import), so the trainer can check its config up front.
+
+Fixed names (``DATASETS``) plus ``depth_folder/<name>``, any folder dataset prepared with ``--source folder``."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from vpd_jax.errors import DatasetNotFoundError
 
@@ -19,7 +22,24 @@ DATASETS: dict[str, dict] = {
                           "prepare": "--source synthetic --num_train 256 --num_test 64 --height 120 --width 160"},
     "nyu_depth_v2": {"path": "nyu_depth_v2/0.0.1", "prepare": "--source fastdepth --fastdepth_dir EXTRACTED_DIR",
                      "aliases": {"test": "validation"}},
+    "kitti_vpd/eigen": {"path": "kitti_vpd/eigen/1.0.0",
+                        "prepare": "--source kitti --kitti_raw RAW_DIR --kitti_depth DATA_DEPTH_ANNOTATED_DIR "
+                                   "--train_list eigen_train_files_with_gt.txt "
+                                   "--test_list eigen_test_files_with_gt.txt"},
 }
+FOLDER_PREFIX = "depth_folder/"
+FOLDER_VERSION = "1.0.0"
+
+
+def _entry(name: str) -> dict | None:
+    if name in DATASETS:
+        return DATASETS[name]
+    if name.startswith(FOLDER_PREFIX) and re.fullmatch(r"[a-z0-9][a-z0-9_]*", name[len(FOLDER_PREFIX):]):
+        n = name[len(FOLDER_PREFIX):]
+        return {"path": f"{FOLDER_PREFIX}{n}/{FOLDER_VERSION}",
+                "prepare": f"--source folder --name {n} --images 'DIR/**/*.jpg' --depths 'DIR/**/*.png' "
+                           "--depth_scale 1000"}
+    return None
 
 
 def dataset_names() -> list[str]:
@@ -27,9 +47,11 @@ def dataset_names() -> list[str]:
 
 
 def dataset_path(data_dir: str, name: str) -> str:
-    if name not in DATASETS:
-        raise DatasetNotFoundError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    return os.path.join(data_dir, DATASETS[name]["path"])
+    entry = _entry(name)
+    if entry is None:
+        raise DatasetNotFoundError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}, "
+                                   f"{FOLDER_PREFIX}<name> (a folder dataset)")
+    return os.path.join(data_dir, entry["path"])
 
 
 def _info(path: str) -> dict:
@@ -44,21 +66,29 @@ def _splits(path: str) -> list[str]:
 def prepared_datasets(data_dir: str) -> dict[str, list[str]]:
     """``{name: [splits]}`` of every dataset prepared (finished) under ``data_dir``."""
     out = {}
-    for name, d in DATASETS.items():
-        path = os.path.join(data_dir, d["path"])
+    folders = os.path.join(data_dir, FOLDER_PREFIX)
+    names = list(DATASETS)
+    if os.path.isdir(folders):
+        names += [FOLDER_PREFIX + n for n in sorted(os.listdir(folders))]
+    for name in names:
+        entry = _entry(name)
+        if entry is None:
+            continue
+        path = os.path.join(data_dir, entry["path"])
         if os.path.isfile(os.path.join(path, "dataset_info.json")):
             out[name] = _splits(path)
     return out
 
 
 def resolve_split(name: str, split: str) -> str:
-    return DATASETS.get(name, {}).get("aliases", {}).get(split, split)
+    return (_entry(name) or {}).get("aliases", {}).get(split, split)
 
 
 def require(data_dir: str, name: str, split: str) -> tuple[str, str]:
     """``(dataset directory, TFDS split name)`` or :class:`DatasetNotFoundError` with the prepare command."""
     path = dataset_path(data_dir, name)
-    hint = f"python -m vpd_jax.data.prepare {DATASETS[name]['prepare']} --data_dir {data_dir}"
+    entry = _entry(name)
+    hint = f"python -m vpd_jax.data.prepare {entry['prepare']} --data_dir {data_dir}"
     if not os.path.isdir(data_dir):
         raise DatasetNotFoundError(f"data_dir {data_dir} does not exist; prepare a dataset with: {hint}")
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
@@ -70,7 +100,7 @@ def require(data_dir: str, name: str, split: str) -> tuple[str, str]:
         raise DatasetNotFoundError(
             f"dataset {name!r} under {data_dir} is stored as {fmt}, but the grain loaders read array_record; "
             f"convert it with: tfds convert_format --dataset_version_dir {path} --out_file_format array_record "
-            f"--out_dir NEW_DIR/{DATASETS[name]['path']} (then use data_dir NEW_DIR), or run {hint}")
+            f"--out_dir NEW_DIR/{entry['path']} (then use data_dir NEW_DIR), or run {hint}")
     tfds_split = resolve_split(name, split)
     splits = _splits(path)
     if tfds_split not in splits:
