@@ -64,7 +64,7 @@ def _profile(data_dir: str, reps: int = 20):
     t = {"read+decode (jpeg, zlib depth)": 0.0, "cutdepth+flip+crop": 0.0, "photometric": 0.0}
     for i in range(reps):
         t0 = time.process_time()
-        ex = loader.decode_record(src[i % len(src)], "class_id")
+        ex = loader.decode_record(src[i % len(src)], "official")
         t1 = time.process_time()
         rng = np.random.default_rng(i)
         geo = ag.AugmentConfig(photometric=False)

@@ -17,12 +17,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # split to train on
     c.test_split = "test"  # split to evaluate on (both references select on the test set: wl-zhao/VPD depth/train.py,
     # mmsegmentation configs/vpd/vpd_sd_4xb8-25k_nyu-480x480.py save_best)
-    c.class_rule = "official"  # scene -> class id rule: "official" (first substring) or "mmseg" (prefix)
+    c.class_rule = "official"  # class-table row of each image: NYU's file-name rules "official" (first substring) or
+    # "mmseg" (prefix); "mean" (the table's mean row), "single" (row 0: a one-prompt table), "scene" (the image's
+    # scene name, e.g. a KITTI drive or a folder, looked up in the table's class list through scene_map)
+    c.scene_map = ""  # class_rule "scene": JSON {"scene": "class", "*": "class for the rest"} (default: same names)
+    c.input_crop = "none"  # every image (train and test) first cropped to: "none" or "kb" (KITTI's 352x1216)
     c.worker_count = 0  # grain worker processes for decoding/augmentation (0 = in the main process)
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "sd15"  # "sd15" (SD-1.5 UNet+VAE), "tiny" (VPDConfig.tiny) or "micro" (the demo's toy)
     c.model.max_depth = 10.0  # metres; depth = sigmoid * max_depth
+    c.model.num_classes = 0  # scene classes (table rows less the mean row); 0: the class table's list, else NYU's 27
     c.model.head_init = "official"  # depth-head init: "official" N(0, 0.001) or "mmseg" TruncNormal(0.02)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for speed; the references are fp32)
     c.model.param_dtype = "float32"  # parameter storage dtype
@@ -33,12 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrained = ""  # SD weights for unet+vae: hub id, diffusers folder or CompVis .ckpt/.safetensors
     c.pretrained_vae = ""  # VAE weights alone (diffusers folder/file, CompVis file), replacing pretrained's VAE
     c.init_from = ""  # start from a whole VPD: official/mmseg .pth, converted folder, or a workdir (DIR, DIR:latest)
-    c.class_embeddings = ""  # .npy (27 or 28, text_dim) CLIP scene table (python -m vpd_jax.tools.class_embeddings)
+    c.class_embeddings = ""  # .npy (classes[+1], text_dim) CLIP scene table (python -m vpd_jax.tools.class_embeddings;
+    # its .classes.json names the rows; without one: NYU's 27 scene classes in the official order)
     c.allow_random_init = False  # True: train without SD weights / a class table (experiments only; said loudly)
 
     c.aug = ml_collections.ConfigDict()
     c.aug.preset = "official_480"  # AugmentConfig preset: official_480, mmseg_480, mmseg_512 or none
     c.aug.crop_size = (480, 480)  # (h, w) random crop; overrides the preset's
+    c.aug.cutdepth_units = 1000.0  # CutDepth pastes depth in these units per metre mod 256 (NYU mm; KITTI 256)
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 24  # images per update over all devices (official 3/GPU x 8)
@@ -74,9 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 1009  # evaluate the test split every this many updates and at the end; 0: end only; -1: never
     c.eval.tta = "official"  # test-time aug.: "official" (2 shift windows), "mmseg_slide_flip", "mmseg_512", "none"
     c.eval.flip = True  # average each window with its flipped prediction
+    c.eval.shift_size = 2  # "official" TTA: square windows per image (VPD NYU 2; EVP KITTI 4)
     c.eval.batch_size = 8  # test images per forward call (per process)
     c.eval.clamp_pred = True  # official: inf -> 10, nan -> 1e-3 in the prediction before the metrics
-    c.eval.crop = "eigen"  # metric crop: "eigen" (scaled to the image size when not 480x640) or "none"
+    c.eval.crop = "eigen"  # metric crop: NYU "eigen" (scaled when not 480x640), KITTI "garg"/"eigen_kitti", "none"
+    c.eval.crop_frame = "kb"  # KITTI crops as fractions of "kb" (the evaluated 352x1216; EVP) or "full" (BTS)
+    c.eval.min_depth = 1e-3  # ground truth counted in (min_depth, max_depth) metres
+    c.eval.max_depth = 10.0
     c.eval.num_pictures = 3  # test images drawn as image | GT | prediction at each evaluation
     c.eval.max_images = 0  # evaluate only the first N test images (0 = all)
 

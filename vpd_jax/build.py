@@ -8,6 +8,7 @@ value that cannot work raises ``ConfigError`` (one line at the entry points).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -17,9 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpd_jax import parallel
+from vpd_jax import parallel, protocols, scenes
+from vpd_jax.data import catalog
 from vpd_jax.data.augment import AugmentConfig
-from vpd_jax.data.loader import make_eval_loader, make_train_loader, open_source
+from vpd_jax.data.loader import (
+    ALL_CLASS_RULES,
+    INPUT_CROPS,
+    ClassRule,
+    make_eval_loader,
+    make_train_loader,
+    open_source,
+)
 from vpd_jax.errors import ConfigError
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
 from vpd_jax.training import initialize
@@ -32,12 +41,98 @@ from vpd_jax.weights.loader import load_model
 
 log = logging.getLogger("vpd_jax.train")
 
-def model_config(cfg):
-    """The ``VPDConfig`` of ``cfg.model``."""
+def class_names(cfg) -> list[str] | None:
+    """The row names of ``cfg.class_embeddings`` (its ``.classes.json``, as ``class_embeddings`` writes it); None
+    without a table or a list (a table without one has NYU's 27 scene classes in the official order)."""
+    if not cfg.class_embeddings:
+        return None
     try:
-        return VPDConfig.from_training(cfg.model)
+        return scenes.read_class_list(cfg.class_embeddings)
+    except ValueError as e:
+        raise ConfigError(f"class_embeddings: {e}") from None
+
+
+def num_classes(cfg) -> int:
+    """``model.num_classes``, or (0) the length of the class table's class list, else NYU's 27."""
+    n = int(cfg.model.get("num_classes", 0) or 0)
+    names = class_names(cfg)
+    if n and names and n != len(names):
+        raise ConfigError(f"model.num_classes={n}: the class table {cfg.class_embeddings} lists {len(names)} "
+                          "classes; leave model.num_classes at 0 to take the table's")
+    return n or (len(names) if names else scenes.NUM_CLASSES)
+
+
+def model_config(cfg):
+    """The ``VPDConfig`` of ``cfg.model`` (its class count resolved by :func:`num_classes`)."""
+    try:
+        return VPDConfig.from_training({**cfg.model.to_dict(), "num_classes": num_classes(cfg)})
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def _read_scene_map(path: str) -> dict[str, str]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"scene_map: no such file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"scene_map {path}: not readable JSON ({e})") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+        raise ConfigError(f"scene_map {path}: expected a JSON object of scene name -> class name (\"*\": the rest)")
+    return obj
+
+
+def class_rule(cfg) -> ClassRule:
+    """How each example finds its class-table row (``cfg.class_rule``; see ``vpd_jax.data.loader.ClassRule``).
+
+    ``"scene"`` maps the dataset's scene names (KITTI drives, a folder dataset's scenes) to the table's classes,
+    through ``cfg.scene_map`` when given (``{"scene": "class", "*": "class for the rest"}``), comparing names as
+    ``scenes.name_key`` does. Every scene the dataset recorded must reach a row (or ``"*"`` catch it): else one
+    error naming them.
+    """
+    rule = cfg.class_rule
+    if rule not in ALL_CLASS_RULES:
+        raise ConfigError(f"class_rule {rule!r} is not one of {ALL_CLASS_RULES}")
+    if rule != "scene":
+        if cfg.get("scene_map"):
+            raise ConfigError(f"scene_map is set but class_rule is {rule!r}; scene_map applies to class_rule 'scene'")
+        return ClassRule(rule)
+    names = class_names(cfg)
+    if names is None:
+        if cfg.class_embeddings or num_classes(cfg) != scenes.NUM_CLASSES:
+            raise ConfigError(f"class_rule 'scene' needs the class table's class list "
+                              f"({scenes.class_list_path(cfg.class_embeddings or 'TABLE.npy')}, written by "
+                              "python -m vpd_jax.tools.class_embeddings)")
+        names = list(scenes.NYU_CLASSES)
+    row_of = {scenes.name_key(n): i for i, n in enumerate(names)}
+    mapping = _read_scene_map(cfg.scene_map) if cfg.get("scene_map") else {}
+    default = -1
+    if "*" in mapping:
+        if scenes.name_key(mapping["*"]) not in row_of:
+            raise ConfigError(f"scene_map {cfg.scene_map}: \"*\" -> {mapping['*']!r} is not a class of the table "
+                              f"({', '.join(names)})")
+        default = row_of[scenes.name_key(mapping["*"])]
+    bad_targets = sorted({v for k, v in mapping.items() if k != "*" and scenes.name_key(v) not in row_of})
+    if bad_targets:
+        raise ConfigError(f"scene_map {cfg.scene_map}: {', '.join(map(repr, bad_targets))} not among the table's "
+                          f"classes ({', '.join(names)})")
+    recorded = catalog.dataset_scenes(cfg.data_dir, cfg.dataset) or {}
+    seen = sorted({s for split in (cfg.train_split, cfg.test_split) for s in recorded.get(split, {})})
+    rows, missing = {}, []
+    for scene in sorted(set(seen) | {k for k in mapping if k != "*"}):
+        target = mapping.get(scene, scene)
+        row = row_of.get(scenes.name_key(target))
+        if row is not None:
+            rows[scene] = row
+        elif scene in seen and "*" not in mapping:
+            missing.append(scene or "(no scene)")
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ConfigError(f"class_rule 'scene': {len(missing)} scene(s) of {cfg.dataset} have no class in the table "
+                          f"({', '.join(names)}): {shown}; map them with --config.scene_map=FILE.json "
+                          "({\"scene\": \"class\", \"*\": \"class for the rest\"})")
+    return ClassRule("scene", tuple(sorted(rows.items())), default)
 
 
 def build_schedule(cfg):
@@ -68,7 +163,15 @@ def augment_config(cfg):
         raise ConfigError(f"aug.preset {cfg.aug.preset!r} is not one of {sorted(presets)}")
     aug = presets[cfg.aug.preset]()
     crop = tuple(cfg.aug.crop_size) if cfg.aug.crop_size else None
-    return dataclasses.replace(aug, crop_size=crop, max_depth=float(cfg.model.max_depth))
+    return dataclasses.replace(aug, crop_size=crop, max_depth=float(cfg.model.max_depth),
+                               cutdepth_units=float(cfg.aug.get("cutdepth_units", aug.cutdepth_units)))
+
+
+def input_crop(cfg) -> str:
+    crop = cfg.get("input_crop", "none")
+    if crop not in INPUT_CROPS:
+        raise ConfigError(f"input_crop {crop!r} is not one of {INPUT_CROPS}")
+    return crop
 
 
 def train_loader(cfg, process_index: int | None = None, process_count: int | None = None):
@@ -77,7 +180,7 @@ def train_loader(cfg, process_index: int | None = None, process_count: int | Non
                              global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, aug=augment_config(cfg),
                              process_index=jax.process_index() if process_index is None else process_index,
                              process_count=jax.process_count() if process_count is None else process_count,
-                             worker_count=cfg.worker_count, class_rule=cfg.class_rule)
+                             worker_count=cfg.worker_count, class_rule=class_rule(cfg), input_crop=input_crop(cfg))
 
 
 def class_table(cfg, abstract_constants) -> dict:
@@ -137,10 +240,17 @@ def abstract_train_state(abstract_vars, tx, mesh):
 
 
 def check_architecture(source, config, cfg) -> None:
-    """``init_from``'s architecture must be the config's (``model.size``): else one error naming the differences."""
+    """``init_from``'s architecture must be the config's (``model.size``): else one error naming the differences.
+    The class count may differ when ``class_embeddings`` replaces the source's table."""
     src, want = source.architecture(), config.architecture()
+    if cfg.class_embeddings:
+        src.pop("num_classes")
+        want.pop("num_classes")
     if src == want:
         return
+    if [k for k in want if src[k] != want[k]] == ["num_classes"]:
+        raise ConfigError(f"init_from {cfg.init_from}: it has {source.num_classes} scene classes, the run "
+                          f"{config.num_classes}; give its class table as --config.class_embeddings, or a new one")
     diff = [k for k in want if src[k] != want[k]]
     size = source.architecture_size()
     hint = f"; use --config.model.size={size}" if size else ""
@@ -205,7 +315,8 @@ def eval_loader(cfg, batch_size: int | None = None):
     """The test-split batches of ``cfg`` for this process."""
     return make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split,
                             batch_size=int(batch_size or cfg.eval.batch_size), process_index=jax.process_index(),
-                            process_count=jax.process_count(), class_rule=cfg.class_rule)
+                            process_count=jax.process_count(), class_rule=class_rule(cfg),
+                            input_crop=input_crop(cfg))
 
 
 @dataclasses.dataclass
@@ -256,11 +367,12 @@ _AT_LEAST = {"eval.every_steps": (-1, "a number of updates, 0 (at the end only) 
              "eval.max_images": (0, "a number of images (0: all)"),
              "eval.num_pictures": (0, "a number of pictures (0: none)"),
              "worker_count": (0, "a number of processes (0: in the main process)"),
+             "model.num_classes": (0, "a number of scene classes, or 0 (from the class table's list)"),
              "seed": (None, "any whole number")}
 _COUNT_SUFFIXES = ("_size", "_steps", "microbatches", "epochs", "iters_per_epoch", "keep", "fsdp")
-_RATE_SUFFIXES = ("_lr", "weight_decay", "_ratio", "_factor", "_lambda", "max_depth", "peak_flops_per_device",
+_RATE_SUFFIXES = ("_lr", "weight_decay", "_ratio", "_factor", "_lambda", "_depth", "peak_flops_per_device",
                   "unet_lr_mult")
-_POSITIVE = ("optimizer.max_lr", "model.max_depth", "peak_flops_per_device")
+_POSITIVE = ("optimizer.max_lr", "model.max_depth", "eval.max_depth", "peak_flops_per_device", "aug.cutdepth_units")
 
 
 def _flat(cfg, prefix=""):
@@ -300,6 +412,9 @@ def config_problems(cfg) -> list[str]:
         elif isinstance(v, tuple) and leaf.endswith("_size"):
             if v and not (len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v)):
                 bad.append(f"{name}={v}: expected (height, width) in pixels, or () for the full image")
+    e = cfg.eval
+    if "min_depth" in e and "max_depth" in e and e.min_depth >= e.max_depth:
+        bad.append(f"eval.min_depth={e.min_depth}: expected less than eval.max_depth ({e.max_depth})")
     o = cfg.optimizer
     if o.schedule == "mmseg" and o.warmup_steps > o.decay_steps:
         bad.append(f"optimizer.warmup_steps={o.warmup_steps}: expected at most optimizer.decay_steps "
@@ -315,8 +430,15 @@ def validate(cfg) -> None:
 
 
 def train_image_shape(cfg) -> tuple[int, ...]:
-    """The (h, w, 3) of the first training image."""
-    return tuple(np.shape(open_source(cfg.data_dir, cfg.dataset, cfg.train_split)[0]["image"]))
+    """The (h, w, 3) of the first training image, after ``input_crop``."""
+    shape = tuple(np.shape(open_source(cfg.data_dir, cfg.dataset, cfg.train_split)[0]["image"]))
+    if input_crop(cfg) == "kb":
+        if shape[0] < protocols.KITTI_KB_CROP_SIZE[0] or shape[1] < protocols.KITTI_KB_CROP_SIZE[1]:
+            raise ConfigError(f"input_crop='kb': the {cfg.dataset} images are {shape[0]}x{shape[1]}, smaller than "
+                              f"the {protocols.KITTI_KB_CROP_SIZE[0]}x{protocols.KITTI_KB_CROP_SIZE[1]} KITTI "
+                              "benchmark crop")
+        return (*protocols.KITTI_KB_CROP_SIZE, shape[2])
+    return shape
 
 
 def check_crop_fits(cfg, image_shape: tuple[int, ...]) -> None:

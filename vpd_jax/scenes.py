@@ -16,7 +16,9 @@ that trained it (wl-zhao/VPD depth/dataset/nyudepthv2.py; mmsegmentation mmseg/d
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 
 NYU_CLASSES: tuple[str, ...] = (
     "printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen",
@@ -62,3 +64,32 @@ def class_id_for_file(filename: str, rule: str = "official") -> int:
     if rule == "mmseg":
         return mmseg_class_id(filename)
     raise ValueError(f"class rule {rule!r} is not one of {CLASS_RULES}")
+
+
+# --------------------------------------------------------------------------------------- your own classes
+def class_list_path(table: str | os.PathLike) -> pathlib.Path:
+    """The class list written next to a class table: ``my.npy`` -> ``my.classes.json``."""
+    table = pathlib.Path(table)
+    return table.with_name(table.stem + ".classes.json")
+
+
+def read_class_list(table: str | os.PathLike) -> list[str] | None:
+    """The row names of a class table from its ``.classes.json`` (None when it has none); ``ValueError`` (one
+    line naming the file) when the file is not a list of names."""
+    path = class_list_path(table)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable class list ({e})") from None
+    names = obj.get("classes") if isinstance(obj, dict) else obj
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{path}: expected {{\"classes\": [names...]}} or a JSON list of class names")
+    return names
+
+
+def name_key(name: str) -> str:
+    """How scene and class names are compared: case, ``_``/``-`` and repeated spaces do not matter
+    (``Living_Room`` = ``living room``)."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())

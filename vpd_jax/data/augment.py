@@ -37,7 +37,8 @@ class AugmentConfig:
 
     crop_size: tuple[int, int] | None = (480, 480)  # (h, w) of the random crop; None keeps the full image
     cutdepth: str = "official"  # "official" (every 4th sample), "mmseg" (Bernoulli 0.25) or "none"
-    cutdepth_uint8_wrap: bool = True  # paste depth in mm mod 256, as both references do by accident
+    cutdepth_uint8_wrap: bool = True  # paste the stored depth units mod 256, as the references do by accident
+    cutdepth_units: float = 1000.0  # stored depth units per metre at the paste: NYU mm (1000), KITTI 1/256 m (256)
     cutdepth_every: int = 4  # official: samples whose position in the epoch is a multiple of this
     cutdepth_prob: float = 0.25  # mmseg RandomDepthMix prob
     cutdepth_scale_ratio: float = 0.75  # strip width factor (official 0.75; mmseg mix_scale_ratio 0.75)
@@ -85,21 +86,22 @@ def cutdepth_strip_mmseg(width: int, u1: float, u2: float, ratio: float = 0.75) 
     return left, int(max(1, (width - left) * ratio * u2))
 
 
-def depth_to_strip(depth: np.ndarray, uint8_wrap: bool, max_depth: float) -> np.ndarray:
-    """The uint8 values CutDepth pastes for ``depth`` (metres)."""
+def depth_to_strip(depth: np.ndarray, uint8_wrap: bool, max_depth: float, units: float = 1000.0) -> np.ndarray:
+    """The uint8 values CutDepth pastes for ``depth`` (metres); ``units`` per metre as the reference stores them
+    when it pastes (NYU: mm; KITTI: the PNG's 1/256 m, since GLPDepth/EVP divide by 256 after augmenting)."""
     if uint8_wrap:
-        # The references write float millimetres into a uint8 array; on x86 numpy that truncates to an integer
+        # The references write float stored units into a uint8 array; on x86 numpy that truncates to an integer
         # and keeps the low byte. The small epsilon turns 1.234 m stored as float32 back into 1234 mm exactly.
-        mm = np.floor(depth.astype(np.float64) * 1000.0 + 1e-3).astype(np.int64)
+        mm = np.floor(depth.astype(np.float64) * units + 1e-3).astype(np.int64)
         return (mm % 256).astype(np.uint8)
     return np.clip(depth / max_depth * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def apply_cutdepth(image: np.ndarray, depth: np.ndarray, left: int, width: int, uint8_wrap: bool = True,
-                   max_depth: float = 10.0) -> np.ndarray:
+                   max_depth: float = 10.0, units: float = 1000.0) -> np.ndarray:
     """Image with columns [left, left+width) of every channel replaced by the depth strip."""
     out = image.copy()
-    strip = depth_to_strip(depth[:, left:left + width], uint8_wrap, max_depth)
+    strip = depth_to_strip(depth[:, left:left + width], uint8_wrap, max_depth, units)
     out[:, left:left + width, :] = strip[..., None]
     return out
 
@@ -255,7 +257,8 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
     # of copying the full image first; the pixels are the same because the strip takes each column's own depth.
     early = strip is not None and cfg.random_resize
     if early:
-        image = apply_cutdepth(image, depth, *strip, uint8_wrap=cfg.cutdepth_uint8_wrap, max_depth=cfg.max_depth)
+        image = apply_cutdepth(image, depth, *strip, uint8_wrap=cfg.cutdepth_uint8_wrap, max_depth=cfg.max_depth,
+                               units=cfg.cutdepth_units)
     params["cutdepth"] = strip
 
     flip = bool(cfg.flip and rng.random() < 0.5)
@@ -286,7 +289,8 @@ def augment(image: np.ndarray, depth: np.ndarray, cfg: AugmentConfig, rng: np.ra
             lo, hi = w - hi, w - lo
         j0, j1 = max(lo - left, 0), min(hi - left, image.shape[1])
         if j1 > j0:
-            image[:, j0:j1] = depth_to_strip(depth[:, j0:j1], cfg.cutdepth_uint8_wrap, cfg.max_depth)[..., None]
+            image[:, j0:j1] = depth_to_strip(depth[:, j0:j1], cfg.cutdepth_uint8_wrap, cfg.max_depth,
+                                             cfg.cutdepth_units)[..., None]
     image = np.ascontiguousarray(image)
     depth = np.ascontiguousarray(depth)
     if cfg.photometric:

@@ -13,6 +13,9 @@ one example per image:
 * ``class_id``: NYU's official class rule's id (0..26); ``class_id_mmseg``: the mmseg rule's (0..27). Datasets
   without NYU scene classes store -1 in both; their rows come from the run's ``class_rule`` at load time.
 
+Beside ``dataset_info.json``, ``scenes.json`` counts the examples of each scene name per split, so a run can check
+that every scene has a row in its class table without reading the data.
+
 Building writes into a staging directory next to the target and moves the finished version into place, so a
 failed or interrupted build never damages a dataset already prepared under ``data_dir``. Bad pairs are
 reported one line each and skipped (or, when strict, stop the build); :class:`PrepareReport` counts them.
@@ -33,6 +36,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from vpd_jax.data.sources import BadInput, Item
+from vpd_jax.files import write_json
 
 NAME = "nyu_vpd"
 VERSION = "1.0.0"
@@ -47,6 +51,7 @@ BUILDERS = {
     FOLDER_NAME: (None, "", "image/depth pairs of the folder dataset {!r}"),
 }
 NO_CLASS = -1  # class_id of examples without a NYU scene class
+SCENES_FILE = "scenes.json"  # beside dataset_info.json: {split: {scene name: number of examples}}
 STOCK_NAME = "nyu_depth_v2"
 STOCK_VERSION = "0.0.1"
 
@@ -58,6 +63,7 @@ class PrepareReport:
     strict: bool = False
     written: dict = dataclasses.field(default_factory=dict)
     skipped: list = dataclasses.field(default_factory=list)
+    scenes: dict = dataclasses.field(default_factory=dict)  # split -> {scene name: examples}
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)
 
     def bad(self, exc: BadInput):
@@ -118,6 +124,7 @@ def _define_builders() -> dict:
 
             seen = set()
             written = 0
+            scenes = self._report.scenes.setdefault(split, {})
             items = self._split_items[split]()
             bar = tqdm(items, total=self._split_sizes.get(split), desc=f"{self.builder_config.name}/{split}",
                        unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -132,6 +139,9 @@ def _define_builders() -> dict:
                     continue
                 seen.add(item.name)
                 written += 1
+                scene = ex.get("scene", "")
+                scene = scene.decode() if isinstance(scene, bytes) else str(scene)
+                scenes[scene] = scenes.get(scene, 0) + 1
                 yield item.name, ex
             self._report.written[split] = written
             if written == 0:
@@ -223,6 +233,8 @@ def build_dataset(data_dir: str, name: str, config: str, split_items: dict[str, 
         except BadInput as e:
             raise StrictStop(str(e)) from None
         rel = os.path.join(name, config, VERSION)
+        write_json(os.path.join(staging, rel, SCENES_FILE),
+                   {split: dict(sorted(c.items())) for split, c in report.scenes.items()})
         _publish(staging, data_dir, rel)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

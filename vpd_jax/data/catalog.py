@@ -80,6 +80,15 @@ def prepared_datasets(data_dir: str) -> dict[str, list[str]]:
     return out
 
 
+def dataset_scenes(data_dir: str, name: str) -> dict[str, dict[str, int]] | None:
+    """``{split: {scene name: examples}}`` recorded when ``name`` was prepared (None: not recorded)."""
+    try:
+        with open(os.path.join(dataset_path(data_dir, name), "scenes.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_split(name: str, split: str) -> str:
     return (_entry(name) or {}).get("aliases", {}).get(split, split)
 

@@ -14,8 +14,18 @@ Evaluation (:func:`make_eval_loader`): every example of the split exactly once, 
 ``process_count`` contiguous blocks; each host pads its block to the same whole number of batches with
 ``valid=False`` examples, so all hosts run the same number of steps.
 
+Before anything else every image (training and test) can be brought to one frame: ``input_crop="kb"`` is
+KITTI's benchmark crop (352x1216, bottom rows, centred; ``vpd_jax.protocols``), which also makes KITTI's
+slightly different image sizes batchable.
+
+The class-embedding row of each example comes from a :class:`ClassRule`: NYU's two file-name rules (ids stored
+at preparation), the mean row, row 0 of a one-prompt table, or the example's scene name (KITTI drive, folder
+name) looked up in the table's class list.
+
 Batches are dicts of numpy arrays: ``image`` uint8 (B,H,W,3), ``depth`` float32 (B,H,W) metres (0 = invalid),
-``class_id`` int32 (B,), ``valid`` bool (B,); evaluation batches add ``file_name`` (str).
+``class_id`` int32 (B,), ``valid`` bool (B,); evaluation batches add ``file_name`` (str), ``origin`` int32
+(B, 2) (where the evaluated frame starts in the original image) and ``full_shape`` int32 (B, 2) (the original
+image's height and width).
 """
 
 from __future__ import annotations
@@ -27,10 +37,15 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax import protocols
 from vpd_jax.data import catalog
 from vpd_jax.data.augment import AugmentConfig, augment
 from vpd_jax.errors import ConfigError
-from vpd_jax.scenes import CLASS_RULES, UNKNOWN_CLASS
+from vpd_jax.scenes import CLASS_RULES
+
+INPUT_CROPS = ("none", "kb")
+# NYU's stored file-name rules, then the rules for datasets without NYU scene classes.
+ALL_CLASS_RULES = (*CLASS_RULES, "mean", "single", "scene")
 
 
 def open_source(data_dir: str, dataset: str, split: str):
@@ -41,21 +56,69 @@ def open_source(data_dir: str, dataset: str, split: str):
     return tfds.builder_from_directory(path).as_data_source(split=tfds_split)
 
 
-def _class_key(class_rule: str) -> str:
-    if class_rule not in CLASS_RULES:
-        raise ValueError(f"class_rule {class_rule!r} is not one of {CLASS_RULES}")
-    return "class_id" if class_rule == "official" else "class_id_mmseg"
+@dataclasses.dataclass(frozen=True)
+class ClassRule:
+    """Which class-embedding row an example gets (picklable, for grain's workers).
+
+    ``rule``: "official" / "mmseg" (NYU's file-name rules, their ids stored in the dataset), "mean" (the table's
+    mean row, "unknown scene"), "single" (row 0 for every image: a one-prompt table), "scene" (the example's
+    stored scene name, looked up in ``rows``; a scene without a row gets ``default``).
+    """
+
+    rule: str = "official"
+    rows: tuple[tuple[str, int], ...] = ()  # "scene": scene name -> row
+    default: int = -1  # "scene": the row of a scene not in ``rows`` (-1: the mean row)
+
+    def __post_init__(self):
+        if self.rule not in ALL_CLASS_RULES:
+            raise ValueError(f"class_rule {self.rule!r} is not one of {ALL_CLASS_RULES}")
+
+    def __call__(self, record: dict) -> int:
+        if self.rule in CLASS_RULES:
+            key = "class_id" if self.rule == "official" else "class_id_mmseg"
+            return int(record.get(key, -1))  # -1 (no stored class): the mean row
+        if self.rule == "mean":
+            return -1
+        if self.rule == "single":
+            return 0
+        scene = record.get("scene", b"")
+        scene = scene.decode() if isinstance(scene, bytes) else str(scene)
+        return dict(self.rows).get(scene, self.default)
 
 
-def decode_record(record: dict, class_key: str) -> dict:
-    """A stored example as numpy: the stock ``nyu_depth_v2`` has float16 depth and no scene label."""
+def _class_rule(class_rule) -> ClassRule:
+    return class_rule if isinstance(class_rule, ClassRule) else ClassRule(str(class_rule))
+
+
+def input_crop_origin(shape: tuple[int, int], input_crop: str) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the frame ``input_crop`` keeps of an image of ``shape``."""
+    if input_crop == "none":
+        return 0, 0, int(shape[0]), int(shape[1])
+    if input_crop == "kb":
+        top, left = protocols.kb_crop_origin(*shape)
+        return top, left, *protocols.KITTI_KB_CROP_SIZE
+    raise ValueError(f"input_crop {input_crop!r} is not one of {INPUT_CROPS}")
+
+
+def decode_record(record: dict, class_rule: ClassRule | str = "official", input_crop: str = "none",
+                  where: str = "") -> dict:
+    """A stored example as numpy (the stock ``nyu_depth_v2`` has float16 depth and no scene label), brought to
+    ``input_crop``'s frame."""
     depth = np.asarray(record["depth"])
     if depth.dtype != np.float32:
         depth = depth.astype(np.float32)
-    cid = record.get(class_key, UNKNOWN_CLASS)
+    image = np.asarray(record["image"])
     name = record.get("file_name", b"")
-    return {"image": np.asarray(record["image"]), "depth": depth, "class_id": np.int32(cid),
-            "file_name": name.decode() if isinstance(name, bytes) else str(name)}
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    full = image.shape[:2]
+    try:
+        top, left, h, w = input_crop_origin(full, input_crop)
+    except ValueError as e:
+        raise ValueError(f"{where or name}: {e}") from None
+    if (top, left, h, w) != (0, 0, *full):
+        image, depth = image[top:top + h, left:left + w], depth[top:top + h, left:left + w]
+    return {"image": image, "depth": depth, "class_id": np.int32(_class_rule(class_rule)(record)), "file_name": name,
+            "origin": np.asarray([top, left], np.int32), "full_shape": np.asarray(full, np.int32)}
 
 
 @dataclasses.dataclass
@@ -69,7 +132,8 @@ class _TrainTransform:
     process_index: int
     host_batch: int
     global_batch: int
-    class_key: str
+    class_rule: ClassRule
+    input_crop: str = "none"
 
     def global_position(self, k: int) -> int:
         step, r = divmod(int(k), self.host_batch)
@@ -77,7 +141,7 @@ class _TrainTransform:
 
     def __call__(self, k: int) -> dict:
         j = self.global_position(k)
-        ex = decode_record(self.source[int(self.order[j])], self.class_key)
+        ex = decode_record(self.source[int(self.order[j])], self.class_rule, self.input_crop)
         rng = np.random.default_rng([self.seed, j])
         image, depth, _ = augment(ex["image"], ex["depth"], self.aug, rng, position=j % len(self.source))
         return {"image": image, "depth": depth, "class_id": ex["class_id"], "valid": np.bool_(True)}
@@ -124,8 +188,8 @@ class TrainIterator:
 def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "train",
                       global_batch_size: int, seed: int, aug: AugmentConfig | None = None,
                       process_index: int = 0, process_count: int = 1, worker_count: int = 0,
-                      num_epochs: int | None = None, class_rule: str = "official", read_threads: int = 2,
-                      worker_buffer_size: int = 2) -> TrainIterator:
+                      num_epochs: int | None = None, class_rule: ClassRule | str = "official",
+                      input_crop: str = "none", read_threads: int = 2, worker_buffer_size: int = 2) -> TrainIterator:
     """Infinite (or ``num_epochs``) stream of augmented training batches of ``global_batch_size //
     process_count`` examples for this host. ``worker_count`` > 0 runs the decoding and augmentation in that
     many processes (absl flags must be parsed in the main program, as grain requires)."""
@@ -144,8 +208,11 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
                           "expected at most that many")
     order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
     steps = len(order) // global_batch_size  # drop_remainder over the whole (global) stream
-    transform = _TrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size,
-                                _class_key(class_rule))
+    rule = _class_rule(class_rule)
+    if input_crop not in INPUT_CROPS:
+        raise ConfigError(f"input_crop {input_crop!r} is not one of {INPUT_CROPS}")
+    transform = _TrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size, rule,
+                                input_crop)
     ds = grain.MapDataset.range(steps * batch).map(transform)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
     ids = ids.batch(batch, drop_remainder=True)
@@ -154,7 +221,8 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
                                                            per_worker_buffer_size=worker_buffer_size))
     fingerprint = {"dataset": dataset, "split": split, "num_examples": n, "global_batch_size": global_batch_size,
                    "seed": int(seed), "process_index": process_index, "process_count": process_count,
-                   "worker_count": worker_count, "num_epochs": num_epochs, "class_rule": class_rule,
+                   "worker_count": worker_count, "num_epochs": num_epochs, "class_rule": rule.rule,
+                   "class_rows": [list(r) for r in rule.rows], "input_crop": input_crop,
                    "aug": json.loads(json.dumps(dataclasses.asdict(aug)))}
     return TrainIterator(ids, fingerprint)
 
@@ -165,13 +233,14 @@ class _EvalTransform:
     start: int
     end: int
     pad: dict
-    class_key: str
+    class_rule: ClassRule
+    input_crop: str = "none"
 
     def __call__(self, i: int) -> dict:
         k = self.start + int(i)
         if k >= self.end:
             return dict(self.pad)
-        ex = decode_record(self.source[k], self.class_key)
+        ex = decode_record(self.source[k], self.class_rule, self.input_crop)
         ex["valid"] = np.bool_(True)
         return ex
 
@@ -194,8 +263,8 @@ class EvalLoader:
 
 
 def make_eval_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "test", batch_size: int,
-                     process_index: int = 0, process_count: int = 1, class_rule: str = "official",
-                     read_threads: int = 2) -> EvalLoader:
+                     process_index: int = 0, process_count: int = 1, class_rule: ClassRule | str = "official",
+                     input_crop: str = "none", read_threads: int = 2) -> EvalLoader:
     """Every example of ``split`` exactly once, in order; host ``p`` gets the p-th contiguous block."""
     import grain
 
@@ -207,10 +276,14 @@ def make_eval_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str 
     start = min(n, process_index * per_host)
     end = min(n, start + per_host)
     num_batches = max(1, math.ceil(per_host / batch_size))
-    first = decode_record(source[0], _class_key(class_rule))
+    rule = _class_rule(class_rule)
+    if input_crop not in INPUT_CROPS:
+        raise ConfigError(f"input_crop {input_crop!r} is not one of {INPUT_CROPS}")
+    first = decode_record(source[0], rule, input_crop)
     pad = {"image": np.zeros_like(first["image"]), "depth": np.zeros_like(first["depth"]),
-           "class_id": np.int32(UNKNOWN_CLASS), "file_name": "", "valid": np.bool_(False)}
-    transform = _EvalTransform(source, start, end, pad, _class_key(class_rule))
+           "class_id": np.int32(-1), "file_name": "", "origin": np.zeros(2, np.int32),
+           "full_shape": np.asarray(first["depth"].shape, np.int32), "valid": np.bool_(False)}
+    transform = _EvalTransform(source, start, end, pad, rule, input_crop)
     ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))
     ids = ids.batch(batch_size, drop_remainder=False)

@@ -18,20 +18,24 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from vpd_jax import parallel, visualize
+from vpd_jax import parallel, protocols, visualize
 from vpd_jax.evaluation import metrics as M
 from vpd_jax.evaluation import tta as T
 
 TTA_MODES = ("official", "mmseg_slide_flip", "mmseg_512", "none")
-CROPS = ("eigen", "none")
+CROPS = ("eigen", *protocols.KITTI_CROPS, "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     tta: str = "official"  # see TTA_MODES
     flip: bool = True  # flip-average each window
+    shift_size: int = 2  # official TTA: windows per image (VPD on NYU 2; EVP on KITTI 4)
     clamp_pred: bool = True  # official inf -> max, nan -> min before the metrics
-    crop: str = "eigen"  # Eigen crop (scaled to the image size when not 480x640) or none
+    crop: str = "eigen"  # NYU's Eigen crop (scaled when not 480x640), KITTI's "garg" / "eigen_kitti", or none
+    crop_frame: str = "kb"  # KITTI crops: fractions of the evaluated (KB-cropped) frame, or of the full image
+    min_depth: float = protocols.MIN_DEPTH_EVAL  # ground truth counted in (min_depth, max_depth)
+    max_depth: float = protocols.MAX_DEPTH_EVAL
     max_images: int = 0  # 0 = all
     num_pictures: int = 3  # (image, gt, prediction) triples returned for pictures
 
@@ -40,6 +44,13 @@ class EvalSettings:
             raise ValueError(f"eval.tta {self.tta!r} is not one of {TTA_MODES}")
         if self.crop not in CROPS:
             raise ValueError(f"eval.crop {self.crop!r} is not one of {CROPS}")
+        if self.crop_frame not in protocols.CROP_FRAMES:
+            raise ValueError(f"eval.crop_frame {self.crop_frame!r} is not one of {protocols.CROP_FRAMES}")
+        if not 0 <= self.min_depth < self.max_depth:
+            raise ValueError(f"eval.min_depth {self.min_depth} and eval.max_depth {self.max_depth}: expected "
+                             "0 <= min_depth < max_depth")
+        if self.shift_size < 1:
+            raise ValueError(f"eval.shift_size {self.shift_size}: expected a number of windows >= 1")
 
     @classmethod
     def from_config(cls, eval_cfg) -> EvalSettings:
@@ -47,10 +58,15 @@ class EvalSettings:
         return cls(**{k: v for k, v in dict(eval_cfg).items() if k in names})
 
 
-def metric_crop(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] | None:
-    """The Eigen crop for 480x640; the same fractions of the image for other sizes (the synthetic scenes)."""
+def metric_crop(shape: tuple[int, int], crop: str, *, frame: str = "kb", full_shape: tuple[int, int] | None = None,
+                origin: tuple[int, int] = (0, 0)) -> tuple[int, int, int, int] | None:
+    """The metric crop of an evaluated ``shape`` array: NYU's Eigen crop for 480x640 (the same fractions of the
+    image for other sizes, e.g. the synthetic scenes); KITTI's "garg" / "eigen_kitti" crops of ``frame``
+    (``vpd_jax.protocols.kitti_metric_box``; ``full_shape`` and ``origin`` locate the array in its image)."""
     if crop == "none":
         return None
+    if crop in protocols.KITTI_CROPS:
+        return protocols.kitti_metric_box(crop, frame, tuple(full_shape or shape), tuple(origin), tuple(shape))
     h, w = shape
     if (h, w) == M.NYU_IMAGE_SHAPE:
         return M.EIGEN_CROP
@@ -62,7 +78,7 @@ def metric_crop(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] 
 def make_tta_fn(predict_fn: Callable, settings: EvalSettings) -> Callable:
     """``(images, class_ids) -> depth`` with the configured TTA around ``predict_fn``."""
     if settings.tta == "official":
-        return lambda im, c: T.official_tta(predict_fn, im, c, flip=settings.flip)
+        return lambda im, c: T.official_tta(predict_fn, im, c, shift_size=settings.shift_size, flip=settings.flip)
     if settings.tta == "mmseg_slide_flip":
         return lambda im, c: T.mmseg_slide_flip(predict_fn, im, c, flip=settings.flip)
     if settings.tta == "mmseg_512":
@@ -139,6 +155,9 @@ class Evaluator:
             images, class_ids = np.asarray(batch["image"]), np.asarray(batch["class_id"], np.int32)
             gt, valid = np.asarray(batch["depth"]), np.asarray(batch["valid"], bool)
             names = list(batch.get("file_name", [""] * len(images)))
+            n_rows = len(images)
+            origins = np.asarray(batch.get("origin", np.zeros((n_rows, 2), np.int32)))
+            full_shapes = np.asarray(batch.get("full_shape", np.tile(gt.shape[1:], (n_rows, 1))))
             batch_size = batch_size or len(images)
             if len(images) < batch_size:  # the last batch: pad so the jitted TTA never recompiles
                 pad = batch_size - len(images)
@@ -154,14 +173,18 @@ class Evaluator:
                 gt = np.asarray(multihost_utils.process_allgather(gt))
                 gt = gt.reshape(-1, *gt.shape[2:])
                 valid = np.asarray(multihost_utils.process_allgather(valid)).reshape(-1)
+                origins = np.asarray(multihost_utils.process_allgather(origins)).reshape(-1, 2)
+                full_shapes = np.asarray(multihost_utils.process_allgather(full_shapes)).reshape(-1, 2)
                 names = [""] * len(valid)
             pred = pred[: len(gt)]
-            crop = metric_crop(gt.shape[1:], s.crop)
             if jax.process_index() == 0:
                 for i in np.flatnonzero(valid):
                     if s.max_images and acc.count >= s.max_images:
                         break
-                    acc.add(M.depth_metrics(pred[i], gt[i], clamp_pred=s.clamp_pred, crop=crop))
+                    crop = metric_crop(gt.shape[1:], s.crop, frame=s.crop_frame, full_shape=tuple(full_shapes[i]),
+                                       origin=tuple(origins[i]))
+                    acc.add(M.depth_metrics(pred[i], gt[i], clamp_pred=s.clamp_pred, crop=crop,
+                                            min_depth=s.min_depth, max_depth=s.max_depth))
                     if len(pictures) < s.num_pictures and not multi:
                         pictures.append({"image": images[i], "gt": gt[i], "pred": pred[i]})
                     if save_predictions:

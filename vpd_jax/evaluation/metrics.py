@@ -3,7 +3,7 @@ mmseg/evaluation/metrics/depth_metric.py), computed per image in numpy and avera
 
 Must stay numerically compatible with the official VPD ``utils_depth/metrics.py`` (``cropping_img`` +
 ``eval_depth``) and mmseg's ``DepthMetric``: same mask, same formulas, per-image values averaged over images
-(not pooled over pixels). The NYU evaluation constants live here and nowhere else.
+(not pooled over pixels). The datasets' evaluation constants live in ``vpd_jax.protocols``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-# The NYU evaluation constants, defined once for the whole project.
-NYU_HEIGHT = 480
-NYU_WIDTH = 640
-NYU_IMAGE_SHAPE = (NYU_HEIGHT, NYU_WIDTH)
-# Eigen crop as (top, bottom, left, right), half-open: rows 45:471, columns 41:601.
-EIGEN_CROP = (45, 471, 41, 601)
-MIN_DEPTH_EVAL = 1e-3
-MAX_DEPTH_EVAL = 10.0
+# The datasets' evaluation constants live in vpd_jax.protocols (the data loaders need them too).
+from vpd_jax.protocols import (  # noqa: E402,F401
+    EIGEN_CROP,
+    MAX_DEPTH_EVAL,
+    MIN_DEPTH_EVAL,
+    NYU_HEIGHT,
+    NYU_IMAGE_SHAPE,
+    NYU_WIDTH,
+)
 
 METRIC_NAMES = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 # Metrics where larger is better; the rest are errors. Used for "best checkpoint" logic and tables.

@@ -177,7 +177,7 @@ class VPDConfig:
         return cls.preset(
             model["size"], max_depth=float(model["max_depth"]), head_init=model["head_init"], dtype=model["dtype"],
             param_dtype=model["param_dtype"], remat=bool(model["remat"]),
-            attention_impl=model.get("attention_impl") or None)
+            attention_impl=model.get("attention_impl") or None, num_classes=int(model.get("num_classes") or 27))
 
     # Fields that decide the variables' shapes (the rest: numerics, memory, output range).
     ARCHITECTURE_FIELDS = ("unet", "vae", "text_dim", "num_classes", "neck_features", "neck_groups",

@@ -42,7 +42,7 @@ import numpy as np
 from vpd_jax.console import ArgumentParser, check_output_file, run_tool
 from vpd_jax.errors import UsageError
 from vpd_jax.files import atomic_path, write_json
-from vpd_jax.scenes import NYU_CLASSES
+from vpd_jax.scenes import NYU_CLASSES, class_list_path
 from vpd_jax.text import DEFAULT_MAX_LENGTH, TEMPLATE_SETS, TextEncoder, class_embedding_table, class_prompt_name
 from vpd_jax.weights.common import WeightsError, read_torch
 
@@ -72,8 +72,7 @@ def save_table(table: np.ndarray, out: str | pathlib.Path) -> pathlib.Path:
 
 def classes_path(out: str | pathlib.Path) -> pathlib.Path:
     """The class list written next to a table: ``my.npy`` -> ``my.classes.json``."""
-    out = pathlib.Path(out)
-    return out.with_name(out.stem + ".classes.json")
+    return class_list_path(out)
 
 
 def check_class_names(names: Sequence[str], flag: str, labels: Sequence[str] | None = None) -> list[str]:

@@ -26,11 +26,12 @@ import numpy as np
 from vpd_jax import build, files, parallel
 from vpd_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, picture_grid, save_picture
+from vpd_jax.scenes import NYU_CLASSES
 from vpd_jax.training import checkpoint as C
 from vpd_jax.training import step as S
 from vpd_jax.training.logging import MetricWriter, Throughput, fmt_duration, step_line
 from vpd_jax.training.optimizer import learning_rates
-from vpd_jax.weights.loader import failure_cause
+from vpd_jax.weights.loader import CLASSES_FILE, failure_cause
 
 log = logging.getLogger("vpd_jax.train")
 
@@ -92,7 +93,12 @@ def train(cfg, workdir: str) -> dict:
             say(f"  {note}")
     if is_main:
         os.makedirs(workdir, exist_ok=True)
+        cfg.model.num_classes = model.config.num_classes  # resolved, so the workdir's config rebuilds this model
         files.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+        rule = build.class_rule(cfg)
+        files.write_json(os.path.join(workdir, CLASSES_FILE), {
+            "classes": build.class_names(cfg) or list(NYU_CLASSES), "class_rule": rule.rule,
+            "scene_rows": dict(rule.rows), "scene_default": rule.default})
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     ckpt = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 

@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES
 from vpd_jax.weights import vpd_checkpoint as vc
 from vpd_jax.weights.common import WeightsError, orbax
 
 # The layout of a train.py workdir (written by vpd_jax.training.checkpoint).
 WORKDIR_CONFIG = "config.json"
+CLASSES_FILE = "classes.json"  # {"classes": the table's row names, "class_rule", "scene_rows", "scene_default"}
 CHECKPOINTS = "checkpoints"  # <step>/{state, constants, data, meta}: the full train state, the last K
 BEST = "best"  # <step>/{model, meta}: params, batch_stats and constants of the best test RMSE
 STATE_ITEMS = ("state", "constants", "data", "meta")
@@ -56,6 +58,11 @@ class LoadedModel:
     description: str
     kind: str
     step: int | None = None
+    class_names: list[str] | None = None  # the class table's row names (None: unknown)
+
+    def __post_init__(self):
+        if self.class_names is None and self.config.num_classes == NUM_CLASSES:
+            self.class_names = list(NYU_CLASSES)  # the released models' table, in the official order
 
     @property
     def class_embeddings(self) -> np.ndarray:
@@ -96,6 +103,17 @@ def workdir_config(workdir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise WeightsError(f"{path}: not a train.py config (no 'model' section)")
     return cfg
+
+
+def workdir_class_names(workdir: str | os.PathLike, num_classes: int) -> list[str] | None:
+    """The class names a workdir's table rows stand for (its ``classes.json``), if recorded and consistent."""
+    try:
+        names = json.loads((pathlib.Path(workdir) / CLASSES_FILE).read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return None
 
 
 def config_crop(cfg: Mapping[str, Any]) -> int | None:
@@ -294,7 +312,8 @@ def load_model(source: str | os.PathLike, *, which: str | None = None, config: V
         which = which or ("best" if checkpoint_steps(path / BEST) else "latest")
         variables, step, notes = restore_workdir_variables(path, config, which)
         return finish(LoadedModel(VPDDepth(config), variables, config, config_crop(cfg), cfg.get("class_rule"),
-                                  describe_restore(path, which, step, notes), "workdir", step))
+                                  describe_restore(path, which, step, notes), "workdir", step,
+                                  workdir_class_names(path, config.num_classes)))
     found = find_converted(path)
     if found is None:
         raise WeightsError(f"{path}: neither a converted VPD checkpoint (config.json + variables/), a train.py "

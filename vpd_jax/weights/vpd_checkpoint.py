@@ -211,10 +211,13 @@ def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None, heads: An
     """A ``VPDConfig`` for an official-named state dict: head sizes and the backbone read off the tensors.
 
     With ``base`` given, only checked against the tensors later (its UNet head counts, max_depth, dtypes, ...
-    are kept); otherwise the SD UNet/VAE architecture is inferred as ``vpd_jax.weights.diffusers`` does for
-    CompVis files (8 heads for a 768-wide context, i.e. SD 1.x).
+    are kept; the class count is the file's table's); otherwise the SD UNet/VAE architecture is inferred as
+    ``vpd_jax.weights.diffusers`` does for CompVis files (8 heads for a 768-wide context, i.e. SD 1.x).
     """
     if base is not None:
+        if CLASS_EMBEDDINGS in state:  # the file's own table decides its class count
+            rows = int(np.shape(state[CLASS_EMBEDDINGS])[0])
+            return base.replace(num_classes=rows if fmt == "official" else rows - 1)
         return base
     try:
         filters, i = [], 0
