@@ -39,8 +39,7 @@ from vpd_jax.console import ArgumentParser, run_tool, use_compile_cache
 from vpd_jax.errors import UsageError, UserError
 from vpd_jax.inference.images import IMAGE_SUFFIXES, load_image
 from vpd_jax.inference.predictor import MODES, Predictor, Scene
-from vpd_jax.scenes import NYU_CLASSES, UNKNOWN_CLASS
-from vpd_jax.text import scene_embedding
+from vpd_jax.scenes import NYU_CLASSES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_WORKDIR = pathlib.Path("demo_out") / "workdir"  # where demo.py trains (relative to the checkout)
@@ -113,13 +112,12 @@ class DepthService:
         self.text_encoder = text_encoder
         self.results = pathlib.Path(workdir) / "results"
         self.results.mkdir(parents=True, exist_ok=True)
-        self._table = np.asarray(predictor.variables["constants"]["class_embeddings"], np.float32)
         self._prompts: dict[str, np.ndarray] = {}
 
     def warm_up(self) -> float:
         """Compile the forward on a blank window (every image runs windows of this one shape); seconds taken."""
         t0 = time.perf_counter()
-        self.predictor.predict(np.zeros((self.predictor.crop, self.predictor.crop, 3), np.uint8))
+        self.predictor.predict(np.zeros((*self.predictor.crop, 3), np.uint8))
         return time.perf_counter() - t0
 
     def conditioned(self, scene: str | None, prompt: str | None = None) -> Predictor:
@@ -134,13 +132,15 @@ class DepthService:
                 self._prompts[prompt] = np.asarray(self.text_encoder.embed([prompt])[0], np.float32)
             return self.predictor.with_embedding(self._prompts[prompt], Scene("prompt", prompt))
         if scene in (None, "", UNKNOWN_SCENE):
-            cid = UNKNOWN_CLASS
-        elif scene in NYU_CLASSES:
-            cid = NYU_CLASSES.index(scene)
-        else:
-            raise UserError(f"unknown scene {scene!r}; choose a NYU scene or {UNKNOWN_SCENE!r}")
-        row = scene_embedding(self._table, cid, num_classes=self._table.shape[0] - 1)
-        return self.predictor.with_embedding(row, Scene("mean") if cid == UNKNOWN_CLASS else Scene("class", cid))
+            return self.predictor.for_scene(None)
+        if scene not in self.scene_names:
+            raise UserError(f"unknown scene {scene!r}; choose one of the model's scenes or {UNKNOWN_SCENE!r}")
+        return self.predictor.for_scene(scene)
+
+    @property
+    def scene_names(self) -> list[str]:
+        """The classes of the model's table (NYU's 27 for the released models)."""
+        return list(self.predictor.class_names or NYU_CLASSES)
 
     def read(self, path: str | os.PathLike) -> np.ndarray:
         """The upload as (H, W, 3) uint8, or a ``UserError`` saying why not (unreadable, too many pixels)."""
@@ -235,7 +235,8 @@ def describe_model(source: str, demo: bool, predictor: Predictor) -> str:
         return (f"Serving the **demo model** that `make demo` trained on synthetic rooms (`{source}`, "
                 f"{predictor.mode} mode). It has only seen those rooms: expect rough depth on real photos. Start "
                 "the app with `--checkpoint SRC` for a released VPD model.")
-    return (f"Model: `{source}` ({predictor.mode} mode, crop {predictor.crop}, stride {predictor.stride}, "
+    (ch, cw), (sh, sw) = predictor.crop, predictor.stride
+    return (f"Model: `{source}` ({predictor.mode} mode, crop {ch}x{cw}, stride {sh}x{sw}, "
             f"flip {'on' if predictor.flip else 'off'}).")
 
 
@@ -263,7 +264,7 @@ def build_page(service: DepthService, *, model_note: str, examples: list[tuple[p
         return (r.image, r.color, (r.image, plain), str(r.glb) if r.glb else None, [str(f) for f in r.files],
                 text)
 
-    scenes = [UNKNOWN_SCENE, *NYU_CLASSES]
+    scenes = [UNKNOWN_SCENE, *service.scene_names]
     suffixes = sorted({*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)})
     with gr.Blocks(title="VPD depth", delete_cache=(600, RESULT_AGE_S)) as page:
         gr.Markdown("## VPD depth estimation\n" + model_note)

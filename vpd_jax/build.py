@@ -37,6 +37,7 @@ from vpd_jax.training.losses import silog_loss
 from vpd_jax.training.optimizer import ParamRules, adamw, trainable_mask
 from vpd_jax.training.schedules import make_schedule
 from vpd_jax.training.step import TrainState
+from vpd_jax.weights.common import load_class_table
 from vpd_jax.weights.loader import load_model
 
 log = logging.getLogger("vpd_jax.train")
@@ -190,7 +191,10 @@ def class_table(cfg, abstract_constants) -> dict:
         return {"class_embeddings": np.zeros(shape, np.float32)}
     if not os.path.isfile(cfg.class_embeddings):
         raise ConfigError(f"class_embeddings: no such file {cfg.class_embeddings}")
-    table = with_unknown_row(np.load(cfg.class_embeddings), shape[0] - 1)
+    try:
+        table = with_unknown_row(load_class_table(cfg.class_embeddings), shape[0] - 1)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"class_embeddings {cfg.class_embeddings}: {e}") from None
     if table.shape != tuple(shape):
         raise ConfigError(f"class_embeddings {cfg.class_embeddings}: table {table.shape}, model needs {shape}")
     return {"class_embeddings": table}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,9 @@ from vpd_jax.errors import UsageError, UserError
 from vpd_jax.inference.files import Outputs, gather_inputs, predict_files
 from vpd_jax.inference.images import IMAGE_SUFFIXES
 from vpd_jax.inference.predictor import MODES, Predictor
-from vpd_jax.scenes import NYU_CLASSES, class_id_from_name
+from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES, name_key, read_class_list
+from vpd_jax.weights.common import WeightsError
+from vpd_jax.weights.loader import is_training_workdir, split_source, workdir_class_names, workdir_config
 
 
 def build_parser() -> ArgumentParser:
@@ -29,11 +32,18 @@ def build_parser() -> ArgumentParser:
                     help="slide: windows of the training crop at the image's resolution (evaluator TTA); "
                          "resize: short side resized to the crop first (default: %(default)s)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--scene", metavar="CLASS", help=f"NYU scene class: {', '.join(NYU_CLASSES)}")
+    g.add_argument("--scene", metavar="CLASS", help="a class of the model's table (the released models: NYU's "
+                   f"{', '.join(NYU_CLASSES)})")
+    g.add_argument("--scene_from", choices=("parent",),
+                   help="parent: each image's folder name as its class (folders matching no class: the mean row)")
     g.add_argument("--prompt", metavar="TEXT", help='free-text scene, e.g. "a photo of a garage" (needs --clip)')
+    ap.add_argument("--class_embeddings", metavar="TABLE",
+                    help="your class table (python -m vpd_jax.tools.class_embeddings; its .classes.json names the "
+                         "rows) instead of the checkpoint's")
     ap.add_argument("--clip", metavar="SOURCE", help="CLIP ViT-L/14 text weights (folder or hub id) for --prompt")
-    ap.add_argument("--crop", type=int, help="training crop (default: the checkpoint's, else 480)")
-    ap.add_argument("--stride", type=int, help="window stride (default: crop // 3)")
+    ap.add_argument("--crop", type=_crop, help="training crop, 480 or HxW such as 352x704 (default: the "
+                    "checkpoint's, else 480)")
+    ap.add_argument("--stride", type=int, help="window stride (default: a third of the crop)")
     ap.add_argument("--no_flip", dest="flip", action="store_false", help="no flip averaging")
     ap.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype override")
@@ -51,6 +61,32 @@ def build_parser() -> ArgumentParser:
     return ap
 
 
+def _crop(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size such as 480 or 352x704")
+    return parts[0], parts[1]
+
+
+def known_class_names(checkpoint: str, class_embeddings: str | None) -> list[str] | None:
+    """The class names ``--scene`` can name, found without loading the model (None: known only after)."""
+    if class_embeddings:
+        return read_class_list(class_embeddings)
+    path, _ = split_source(checkpoint)
+    if path.is_dir() and is_training_workdir(path):
+        try:
+            n = int(workdir_config(path)["model"].get("num_classes") or NUM_CLASSES)
+        except (WeightsError, KeyError, TypeError, ValueError):
+            return None
+        return workdir_class_names(path, n) or (list(NYU_CLASSES) if n == NUM_CLASSES else None)
+    return list(NYU_CLASSES)  # converted folders and PyTorch files: the released models' NYU table
+
+
 def predict(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     intr = [args.fx, args.fy, args.cx, args.cy]
@@ -62,12 +98,17 @@ def predict(argv: Sequence[str] | None = None) -> int:
     outputs = Outputs(png16=args.png16 or not chosen, npy=args.npy, color=args.color or args.colorbar or not chosen,
                       colorbar=args.colorbar, cmap=args.cmap, ply=args.ply,
                       intrinsics=tuple(intr) if intr[0] is not None else None)
+    if args.class_embeddings and not pathlib.Path(args.class_embeddings).is_file():
+        raise UserError(f"--class_embeddings {args.class_embeddings}: no such file")
     if args.scene is not None:
         try:
-            class_id_from_name(args.scene)
+            names = known_class_names(args.checkpoint, args.class_embeddings)
         except ValueError as e:
-            raise UsageError(f"--scene {args.scene}: {e}") from e
-    for flag in ("crop", "stride", "batch_size"):
+            raise UserError(f"--class_embeddings: {e}") from e
+        if names is not None and name_key(args.scene) not in [name_key(n) for n in names]:
+            raise UsageError(f"--scene {args.scene}: not a class of the model's table; expected one of: "
+                             f"{', '.join(names)}")
+    for flag in ("stride", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     # Before the model is loaded (minutes with SD-1.5 weights): where to write, and that there is something to read.
@@ -77,13 +118,19 @@ def predict(argv: Sequence[str] | None = None) -> int:
     if not gather_inputs(args.input, exclude=out_dir)[0]:
         raise UsageError(f"--input {' '.join(args.input)}: no images there (expected image files, folders holding "
                          f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or glob patterns)")
-    predictor = Predictor.from_checkpoint(args.checkpoint, mode=args.mode, scene=args.scene, prompt=args.prompt,
-                                          clip=args.clip, batch_size=args.batch_size, crop=args.crop,
-                                          stride=args.stride, flip=args.flip, dtype=args.dtype)
-    print(f"vpd-jax predict: {args.checkpoint}, mode {predictor.mode}, crop {predictor.crop}, stride "
-          f"{predictor.stride}, flip {predictor.flip}, {predictor.scene}", file=sys.stderr)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, mode=args.mode, scene=args.scene, prompt=args.prompt,
+                                              clip=args.clip, batch_size=args.batch_size, crop=args.crop,
+                                              stride=args.stride, flip=args.flip, dtype=args.dtype,
+                                              class_embeddings=args.class_embeddings)
+    except ValueError as e:  # a scene or table that does not fit the model
+        raise UserError(str(e)) from e
+    scene = "scene from each image's folder" if args.scene_from else str(predictor.scene)
+    print(f"vpd-jax predict: {args.checkpoint}, mode {predictor.mode}, crop {predictor.crop[0]}x{predictor.crop[1]}, "
+          f"stride {predictor.stride[0]}x{predictor.stride[1]}, flip {predictor.flip}, {scene}", file=sys.stderr)
+    predictor_for = _by_parent(predictor) if args.scene_from == "parent" else None
     s = predict_files(predictor, args.input, args.output, outputs, skip_existing=args.skip_existing,
-                      progress=args.progress)
+                      progress=args.progress, predictor_for=predictor_for)
     line = f"done: {s.written} image(s) written ({s.files} files) to {args.output}; {len(s.skipped)} skipped"
     if s.existing:
         line += f"; {s.existing} already done"
@@ -91,6 +138,25 @@ def predict(argv: Sequence[str] | None = None) -> int:
     for name, _ in s.skipped:
         print(f"  skipped: {name}", file=sys.stderr)
     return 0 if s.written or s.existing else 1
+
+
+def _by_parent(predictor: Predictor):
+    """``path -> predictor`` conditioned on the class named like the image's folder (the mean row otherwise,
+    said once per folder)."""
+    cache: dict[str, Predictor] = {}
+
+    def pick(path: pathlib.Path) -> Predictor:
+        folder = path.parent.name
+        if folder not in cache:
+            try:
+                cache[folder] = predictor.for_scene(folder)
+            except ValueError:
+                print(f"note: folder {folder!r} names no class of the model's table; its images use the mean row",
+                      file=sys.stderr)
+                cache[folder] = predictor.for_scene(None)
+        return cache[folder]
+
+    return pick
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import glob
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -128,12 +128,13 @@ def _header_size(path: pathlib.Path) -> tuple[int, int] | None:
 
 def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os.PathLike, outputs: Outputs,
                   *, images_per_batch: int | None = None, skip_existing: bool = False, progress: bool = True,
-                  log=None) -> Summary:
+                  log=None, predictor_for: Callable[[pathlib.Path], Predictor] | None = None) -> Summary:
     """Depth for every image named by ``inputs`` into ``out_dir`` (see ``gather_inputs``, ``Outputs``).
 
     Images are grouped by size (header read) so that equal sizes share batches and compiled shapes; each
     image's files are written (atomically) as soon as its batch is done. An image that cannot be read is
-    skipped with a one-line warning naming it.
+    skipped with a one-line warning naming it. ``predictor_for(path)`` picks each image's predictor (e.g. its
+    scene from its folder; predictors made by ``Predictor.for_scene`` share one compiled forward).
     """
     from tqdm import tqdm
 
@@ -149,8 +150,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os
         summary.existing = len(files) - len(todo)
         files = todo
     sizes = {f: _header_size(f) for f, _ in files}
-    # Stable sort by size: equal sizes become neighbours; unknown sizes last.
-    order = sorted(files, key=lambda fs: (sizes[fs[0]] is None, sizes[fs[0]] or (0, 0)))
+    chosen = {f: predictor_for(f) if predictor_for else predictor for f, _ in files}
+    kinds = {id(p): i for i, p in enumerate(dict.fromkeys(chosen.values()))}
+    # Stable sort by size, then predictor: equal sizes become neighbours; unknown sizes last.
+    order = sorted(files, key=lambda fs: (sizes[fs[0]] is None, sizes[fs[0]] or (0, 0), kinds[id(chosen[fs[0]])]))
     per_batch = images_per_batch or predictor.batch_size
     bar = tqdm(total=len(order), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pending: list[tuple[pathlib.Path, pathlib.Path, np.ndarray]] = []
@@ -158,7 +161,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os
     def flush():
         if not pending:
             return
-        depths = predictor.predict_batch([img for _, _, img in pending])
+        depths = chosen[pending[0][0]].predict_batch([img for _, _, img in pending])
         for (f, stem, img), depth in zip(pending, depths, strict=True):
             summary.files += len(outputs.write(out_dir, stem, img, depth))
             summary.written += 1
@@ -174,7 +177,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os
                 summary.skipped.append((str(f), str(e)))
                 bar.update(1)
                 continue
-            if pending and (pending[0][2].shape != img.shape or len(pending) >= per_batch):
+            if pending and (pending[0][2].shape != img.shape or len(pending) >= per_batch
+                            or chosen[pending[0][0]] is not chosen[f]):
                 flush()
             pending.append((f, stem, img))
         flush()

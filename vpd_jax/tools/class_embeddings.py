@@ -44,9 +44,11 @@ from vpd_jax.errors import UsageError
 from vpd_jax.files import atomic_path, write_json
 from vpd_jax.scenes import NYU_CLASSES, class_list_path
 from vpd_jax.text import DEFAULT_MAX_LENGTH, TEMPLATE_SETS, TextEncoder, class_embedding_table, class_prompt_name
-from vpd_jax.weights.common import WeightsError, read_torch
+from vpd_jax.weights.common import CLASS_TABLE_KEY as SAFETENSORS_KEY
+from vpd_jax.weights.common import WeightsError, load_class_table
 
-SAFETENSORS_KEY = "class_embeddings"
+load_table = load_class_table  # the reader of every format this tool writes
+
 OUT_SUFFIXES = (".npy", ".safetensors", ".pth", ".pt")
 
 
@@ -149,23 +151,6 @@ def class_names_from_args(args) -> list[str]:
                              f"use --classes_file {args.classes}")
         return parse_classes(args.classes)
     return list(NYU_CLASSES)
-
-
-def load_table(path: str | pathlib.Path) -> np.ndarray:
-    """Read a table written by this tool, or the official ``nyu_class_embeddings.pth`` (weights only)."""
-    path = pathlib.Path(path)
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(path))
-        return tensors[SAFETENSORS_KEY] if SAFETENSORS_KEY in tensors else next(iter(tensors.values()))
-
-    obj = read_torch(path)
-    if isinstance(obj, dict):  # tolerate {'class_embeddings': tensor}-style files
-        obj = obj.get(SAFETENSORS_KEY, next(iter(obj.values())))
-    return np.asarray(obj)
 
 
 def _progress(total_desc: str):

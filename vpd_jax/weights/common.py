@@ -332,3 +332,23 @@ def flax_path(parts: Sequence[str]) -> str:
         else:
             out.append(p)
     return "/".join(out)
+
+
+CLASS_TABLE_KEY = "class_embeddings"  # the tensor's name in a .safetensors class table
+
+
+def load_class_table(path: str | os.PathLike) -> np.ndarray:
+    """A class-embedding table: ``.npy``, ``.safetensors`` (tensor ``class_embeddings``, else the first), or a
+    PyTorch file holding a bare tensor like the official ``nyu_class_embeddings.pth`` (read weights only)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        return tensors[CLASS_TABLE_KEY] if CLASS_TABLE_KEY in tensors else next(iter(tensors.values()))
+    obj = read_torch(path)
+    if isinstance(obj, dict):  # tolerate {'class_embeddings': tensor}-style files
+        obj = obj.get(CLASS_TABLE_KEY, next(iter(obj.values())))
+    return np.asarray(obj)
