@@ -1,4 +1,4 @@
-"""Prepare a NYUv2 dataset for the loaders: ``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
+"""Prepare a NYUv2 or KITTI dataset for the loaders: ``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
 
 Sources (see ``sources.py`` for the layouts):
 
@@ -9,6 +9,9 @@ Sources (see ``sources.py`` for the layouts):
 * ``mmseg``: ``--mmseg_dir data/nyu`` (``images/{train,test}``, ``annotations/{train,test}``). ``nyu_vpd/mmseg``.
 * ``synthetic``: generated scenes (``--num_train/--num_test/--height/--width/--seed``). ``nyu_vpd/synthetic``.
 * ``fastdepth``: the stock TFDS ``nyu_depth_v2`` from an extracted FastDepth tarball (``--fastdepth_dir``).
+* ``kitti``: KITTI raw drives (``--kitti_raw``) with the annotated depth maps (``--kitti_depth``), the pairs of the
+  Eigen-split lists ``--train_list`` and/or ``--test_list`` (see ``kitti.py``). ``kitti_vpd/eigen``. Lines without
+  ground truth (``None``, or a depth file found nowhere) are counted and left out, not skipped as bad pairs.
 
 Bad pairs are reported one line each and skipped; the run ends with the count (``--strict`` stops at the
 first instead). A dataset already under ``--data_dir`` is replaced only when the new build has finished.
@@ -24,7 +27,7 @@ import sys
 from absl import logging
 
 from vpd_jax.console import ArgumentParser, check_output_folder, run_tool, say_error
-from vpd_jax.data import builder, sources
+from vpd_jax.data import builder, kitti, sources
 
 
 def _size(text: str) -> tuple[int, int] | None:
@@ -39,16 +42,20 @@ def _size(text: str) -> tuple[int, int] | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth"])
+    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth", "kitti"])
     p.add_argument("--data_dir", required=True, help="where prepared datasets live (the loaders' data_dir)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad pair instead of skipping it")
     p.add_argument("--image_size", type=_size, default=(480, 640),
-                   help="required HxW of every image (default 480x640; 'any' accepts any size)")
+                   help="required HxW of every NYU image (default 480x640; 'any' accepts any size); KITTI "
+                        "images are read at any size")
+    g = p.add_argument_group("bts and kitti")
+    g.add_argument("--train_list", help="bts: BTS-format list of the training pairs (default: every pair found); "
+                                        "kitti: the Eigen training list (eigen_train_files_with_gt.txt)")
+    g.add_argument("--test_list", help="bts: BTS-format list of the test pairs under --test_dir; kitti: the Eigen "
+                                       "test list (eigen_test_files_with_gt.txt)")
     g = p.add_argument_group("bts")
     g.add_argument("--bts_dir", help="BTS sync tree: <scene_dir>/rgb_NNNNN.jpg + sync_depth_NNNNN.png")
-    g.add_argument("--train_list", help="BTS-format list of the training pairs (default: every pair found)")
     g.add_argument("--test_dir", help="official_splits/test tree (same layout) for the test split")
-    g.add_argument("--test_list", help="BTS-format list of the test pairs under --test_dir")
     g = p.add_argument_group("mat")
     g.add_argument("--mat", help="nyu_depth_v2_labeled.mat")
     g.add_argument("--splits", help="splits.mat (trainNdxs/testNdxs)")
@@ -65,9 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--frames_per_scene", type=int, default=4)
     g = p.add_argument_group("fastdepth")
     g.add_argument("--fastdepth_dir", help="extracted nyudepthv2.tar.gz (holds nyudepthv2/train and /val)")
+    g = p.add_argument_group("kitti")
+    g.add_argument("--kitti_raw", help="KITTI raw data: <date>/<drive>/image_02/data/<frame>.png")
+    g.add_argument("--kitti_depth", help="extracted data_depth_annotated: {train,val}/<drive>/proj_depth/"
+                                         "groundtruth/image_02/<frame>.png (or their contents moved up into it)")
     args = p.parse_args(argv)
     need = {"bts": ["bts_dir"], "mat": ["mat", "splits"], "mmseg": ["mmseg_dir"], "synthetic": [],
-            "fastdepth": ["fastdepth_dir"]}[args.source]
+            "fastdepth": ["fastdepth_dir"], "kitti": ["kitti_raw", "kitti_depth"]}[args.source]
     missing = [f"--{k}" for k in need if getattr(args, k) is None]
     if missing:
         p.error(f"--source {args.source} needs {' and '.join(missing)}")
@@ -75,12 +86,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give the test split either as --test_dir or as --mat/--splits, not both")
     if args.source == "bts" and bool(args.mat) != bool(args.splits):
         p.error("--mat and --splits go together")
+    if args.source == "kitti" and not (args.train_list or args.test_list):
+        p.error("--source kitti needs --train_list and/or --test_list (the Eigen split lists)")
     return args
 
 
 def _check_file(path: str, what: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file ({what})")
+
+
+def _check_dir(path: str, what: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory ({what})")
+
+
+def kitti_split_plan(args) -> tuple[dict, dict, dict[str, kitti.EigenList]]:
+    """(split -> callable returning Items, split -> count, split -> the parsed list with its left-out lines)."""
+    _check_dir(args.kitti_raw, "--kitti_raw, the KITTI raw drives")
+    _check_dir(args.kitti_depth, "--kitti_depth, the annotated depth maps")
+    plan, sizes, lists = {}, {}, {}
+    for split, list_file, flag in (("train", args.train_list, "--train_list"), ("test", args.test_list,
+                                                                                "--test_list")):
+        if not list_file:
+            continue
+        _check_file(list_file, flag)
+        lst = kitti.eigen_items(args.kitti_raw, args.kitti_depth, list_file)
+        if not lst.items and lst.depth_missing:
+            raise ValueError(f"{list_file}: none of its {len(lst.depth_missing)} listed depth maps is under "
+                             f"{args.kitti_depth} (or its train/ and val/); expected the extracted "
+                             "data_depth_annotated folder as --kitti_depth")
+        plan[split], sizes[split], lists[split] = (lambda items=lst.items: items), len(lst.items), lst
+    return plan, sizes, lists
 
 
 def split_plan(args) -> tuple[dict, dict]:
@@ -125,6 +162,8 @@ def split_plan(args) -> tuple[dict, dict]:
                 plan[split] = (lambda s=split, n=n: sources.synthetic_items(
                     args.seed, n, args.height, args.width, s, args.frames_per_scene))
                 sizes[split] = n
+    elif args.source == "kitti":
+        plan, sizes, _ = kitti_split_plan(args)
     return plan, sizes
 
 
@@ -138,17 +177,31 @@ def prepare(argv=None) -> int:
             path = builder.build_stock_nyu_depth_v2(args.data_dir, args.fastdepth_dir)
             print(f"prepared nyu_depth_v2 at {path}")
             return 0
-        plan, sizes = split_plan(args)
         report = builder.PrepareReport(strict=args.strict)
-        path = builder.build_nyu_vpd(args.data_dir, args.source, plan, sizes, report)
+        lists = {}
+        if args.source == "kitti":
+            plan, sizes, lists = kitti_split_plan(args)
+            for lst in lists.values():
+                for line in lst.depth_missing:  # an incomplete download: say which files
+                    report.log(f"no ground truth: {line}")
+            name, config = builder.KITTI_NAME, "eigen"
+        else:
+            plan, sizes = split_plan(args)
+            name, config = builder.NAME, args.source
+        path = builder.build_dataset(args.data_dir, name, config, plan, sizes, report)
     except builder.StrictStop as e:
         print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)
         return 1
     except (ValueError, sources.BadInput) as e:  # a missing file is reported by run_tool
         say_error(e)
         return 1
-    written = ", ".join(f"{k} {v}" for k, v in report.written.items())
-    print(f"prepared nyu_vpd/{args.source} at {path}: {written} examples; skipped {len(report.skipped)} bad pairs")
+    if lists:
+        written = ", ".join(f"{k} {v} examples ({len(lists[k].no_gt)} listed without ground truth, "
+                            f"{len(lists[k].depth_missing)} whose depth file is missing: left out)"
+                            for k, v in report.written.items())
+    else:
+        written = ", ".join(f"{k} {v}" for k, v in report.written.items()) + " examples"
+    print(f"prepared {name}/{config} at {path}: {written}; skipped {len(report.skipped)} bad pairs")
     return 0
 
 
