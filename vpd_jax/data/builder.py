@@ -191,7 +191,12 @@ def _publish(staging: str, data_dir: str, rel: str):
     if os.path.exists(dst):
         old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
         os.rename(dst, old)
-    os.rename(src, dst)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if old:
+            os.rename(old, dst)  # the earlier build stays in place
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -222,8 +227,12 @@ def build_dataset(data_dir: str, name: str, config: str, split_items: dict[str, 
     os.makedirs(data_dir, exist_ok=True)
     staging = os.path.join(data_dir, f".staging-{name}-{config}-{uuid.uuid4().hex[:8]}")
     cls = builder_class(name)
-    cfg = config if BUILDERS[name][0] is not None else tfds.core.BuilderConfig(
-        name=config, description=BUILDERS[name][2].format(config))
+    cfg = config
+    if BUILDERS[name][0] is None:
+        # A builder class that lists this one config, so TFDS does not warn about a "custom data configuration".
+        cfg = tfds.core.BuilderConfig(name=config, description=BUILDERS[name][2].format(config))
+        cls = type(cls.__name__, (cls,), {"name": name, "BUILDER_CONFIGS": [cfg], "__module__": __name__},
+                   skip_registration=True)
     try:
         builder = cls(config=cfg, data_dir=staging, file_format="array_record", split_items=split_items,
                       split_sizes=split_sizes, report=report)
