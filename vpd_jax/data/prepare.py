@@ -1,6 +1,7 @@
-"""Prepare a NYUv2 or KITTI dataset for the loaders: ``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
+"""Prepare a depth dataset (NYUv2, KITTI, or any folder of image/depth pairs) for the loaders:
+``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
 
-Sources (see ``sources.py`` for the layouts):
+Sources (see ``sources.py`` and ``folder.py`` for the layouts):
 
 * ``bts``: the BTS ``sync`` training tree (``--bts_dir``; every pair, or those of ``--train_list``), plus the
   654-image test split from ``--test_dir official_splits/test`` (optionally ``--test_list``) or from
@@ -12,6 +13,10 @@ Sources (see ``sources.py`` for the layouts):
 * ``kitti``: KITTI raw drives (``--kitti_raw``) with the annotated depth maps (``--kitti_depth``), the pairs of the
   Eigen-split lists ``--train_list`` and/or ``--test_list`` (see ``kitti.py``). ``kitti_vpd/eigen``. Lines without
   ground truth (``None``, or a depth file found nowhere) are counted and left out, not skipped as bad pairs.
+* ``folder``: any folder of image/depth pairs (``folder.py``): ``--images 'DIR/**/*.jpg' --depths
+  'DIR/**/*.png' --depth_scale 1000`` [``--invalid 0``] [``--val_fraction 0.05`` | ``--val_list FILE``]
+  [``--scene_from parent|none|FILE``] [``--name NAME``]. Any image size. Writes ``depth_folder/<name>``
+  (splits train[, val]).
 
 Bad pairs are reported one line each and skipped; the run ends with the count (``--strict`` stops at the
 first instead). A dataset already under ``--data_dir`` is replaced only when the new build has finished.
@@ -21,13 +26,16 @@ Exit status: 0 on success, 1 on a strict stop or unusable input, 2 on bad argume
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 
 from absl import logging
 
 from vpd_jax.console import ArgumentParser, check_output_folder, run_tool, say_error
-from vpd_jax.data import builder, kitti, sources
+from vpd_jax.data import builder, folder, kitti, sources
+from vpd_jax.errors import UsageError
 
 
 def _size(text: str) -> tuple[int, int] | None:
@@ -42,12 +50,12 @@ def _size(text: str) -> tuple[int, int] | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth", "kitti"])
+    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth", "kitti", "folder"])
     p.add_argument("--data_dir", required=True, help="where prepared datasets live (the loaders' data_dir)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad pair instead of skipping it")
     p.add_argument("--image_size", type=_size, default=(480, 640),
-                   help="required HxW of every NYU image (default 480x640; 'any' accepts any size); KITTI "
-                        "images are read at any size")
+                   help="required HxW of every NYU image (default 480x640; 'any' accepts any size); KITTI and "
+                        "folder images are read at any size")
     g = p.add_argument_group("bts and kitti")
     g.add_argument("--train_list", help="bts: BTS-format list of the training pairs (default: every pair found); "
                                         "kitti: the Eigen training list (eigen_train_files_with_gt.txt)")
@@ -76,12 +84,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kitti_raw", help="KITTI raw data: <date>/<drive>/image_02/data/<frame>.png")
     g.add_argument("--kitti_depth", help="extracted data_depth_annotated: {train,val}/<drive>/proj_depth/"
                                          "groundtruth/image_02/<frame>.png (or their contents moved up into it)")
-    args = p.parse_args(argv)
+    g = p.add_argument_group("folder", "any folder of image/depth pairs, written as depth_folder/<name>")
+    g.add_argument("--images", help="glob of the images, quoted ('DIR/**/*.jpg'), or a folder")
+    g.add_argument("--depths", help="glob of the depth maps, quoted ('DIR/**/*.png'), or a folder")
+    g.add_argument("--depth_scale", type=float,
+                   help="stored depth value per metre: 1000 for millimetre PNGs, 256 for KITTI's, 1 for metres")
+    g.add_argument("--invalid", type=float, default=0.0,
+                   help="stored value meaning 'no depth' (default 0); negative and non-finite values are too")
+    g.add_argument("--val_fraction", type=float,
+                   help=f"share of the pairs for the val split (default {folder.DEFAULT_VAL_FRACTION}; 0: none)")
+    g.add_argument("--val_list", help="file of the val images, one relative path or stem a line")
+    g.add_argument("--scene_from", default="parent",
+                   help="parent (the image's folder name, default), none, or a JSON / '<key> <scene>' file")
+    g.add_argument("--name", help="dataset name (default: the images' root folder name)")
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if args.source == "folder" and not any(e.startswith("-") for e in extra):
+            p.error(f"{len(extra)} extra paths ({extra[0]}, ...): did the shell expand a glob? Quote it: "
+                    "--images 'DIR/**/*.jpg'")
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     need = {"bts": ["bts_dir"], "mat": ["mat", "splits"], "mmseg": ["mmseg_dir"], "synthetic": [],
-            "fastdepth": ["fastdepth_dir"], "kitti": ["kitti_raw", "kitti_depth"]}[args.source]
+            "fastdepth": ["fastdepth_dir"], "kitti": ["kitti_raw", "kitti_depth"],
+            "folder": ["images", "depths", "depth_scale"]}[args.source]
     missing = [f"--{k}" for k in need if getattr(args, k) is None]
     if missing:
         p.error(f"--source {args.source} needs {' and '.join(missing)}")
+    if args.source == "folder":
+        _check_folder_args(p, args)
     if args.source == "bts" and args.test_dir and args.mat:
         p.error("give the test split either as --test_dir or as --mat/--splits, not both")
     if args.source == "bts" and bool(args.mat) != bool(args.splits):
@@ -89,6 +118,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.source == "kitti" and not (args.train_list or args.test_list):
         p.error("--source kitti needs --train_list and/or --test_list (the Eigen split lists)")
     return args
+
+
+def _check_folder_args(p: argparse.ArgumentParser, args):
+    if not (math.isfinite(args.depth_scale) and args.depth_scale > 0):
+        p.error(f"--depth_scale {args.depth_scale:g}: expected a positive number (stored value per metre)")
+    if args.val_fraction is not None and args.val_list is not None:
+        p.error("give either --val_fraction or --val_list, not both")
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        p.error(f"--val_fraction {args.val_fraction:g}: expected a fraction in [0, 1)")
+    if args.name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_]*", args.name):
+        p.error(f"--name {args.name!r}: expected lower-case letters, digits and _ (e.g. my_rooms)")
 
 
 def _check_file(path: str, what: str):
@@ -167,12 +207,41 @@ def split_plan(args) -> tuple[dict, dict]:
     return plan, sizes
 
 
+def prepare_folder(args) -> int:
+    """``--source folder``: pair, split and build ``depth_folder/<name>``; prints the summary line."""
+    report = builder.PrepareReport(strict=args.strict)
+    try:
+        fp = folder.plan(args.images, args.depths, name=args.name, val_fraction=args.val_fraction,
+                         val_list=args.val_list, scene_from=args.scene_from, report=report)
+        unpaired = len(report.skipped)
+        plan, sizes = fp.split_items(args.depth_scale, args.invalid)
+        path = builder.build_dataset(args.data_dir, builder.FOLDER_NAME, fp.name, plan, sizes, report)
+    except (builder.StrictStop, sources.BadInput) as e:
+        if not args.strict:
+            raise
+        print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)
+        return 1
+    dataset = f"{builder.FOLDER_NAME}/{fp.name}"
+    written = ", ".join(f"{k} {v}" for k, v in report.written.items())
+    unusable = len(report.skipped) - unpaired
+    hint = f"--config.dataset={dataset}" + (" --config.test_split=val" if "val" in report.written else "")
+    print(f"prepared {dataset} at {path}: {written} examples; skipped {len(report.skipped)} (unpaired {unpaired}, "
+          f"unusable {unusable}); use {hint}")
+    if fp.unmatched_val_names:
+        print(f"{fp.unmatched_val_names} names in {args.val_list} match no image/depth pair")
+    if fp.no_scene:
+        print(f"{fp.no_scene} images have no scene in {args.scene_from}; they will use the mean row")
+    return 0
+
+
 def prepare(argv=None) -> int:
     args = parse_args(argv)
     check_output_folder("--data_dir", args.data_dir)
     # TFDS' INFO lines name the staging directory, which would only confuse; our bars and summary say it all.
     logging.set_verbosity(logging.WARNING)
     try:
+        if args.source == "folder":
+            return prepare_folder(args)
         if args.source == "fastdepth":
             path = builder.build_stock_nyu_depth_v2(args.data_dir, args.fastdepth_dir)
             print(f"prepared nyu_depth_v2 at {path}")
@@ -192,6 +261,8 @@ def prepare(argv=None) -> int:
     except builder.StrictStop as e:
         print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)
         return 1
+    except UsageError:
+        raise  # run_tool: one line, exit 2
     except (ValueError, sources.BadInput) as e:  # a missing file is reported by run_tool
         say_error(e)
         return 1

@@ -1,7 +1,7 @@
 """Writers of small NYUv2 trees in the real on-disk layouts (BTS sync tree and list, official test tree,
-mmseg, labeled .mat + splits.mat, FastDepth h5), filled with synthetic scenes, and of a small KITTI tree (raw
-drives, annotated depth, Eigen-split lists) filled with generated streets; for tests and demos without the real
-datasets."""
+mmseg, labeled .mat + splits.mat, FastDepth h5) and of plain folders of image/depth pairs (``--source folder``),
+filled with synthetic scenes, and of a small KITTI tree (raw drives, annotated depth, Eigen-split lists) filled
+with generated streets; for tests and demos without the real datasets."""
 
 from __future__ import annotations
 
@@ -346,3 +346,55 @@ def write_kitti_tree(root: str, height: int = KITTI_SIZE[0], width: int = KITTI_
     return KittiTree(raw=raw, depth=depth_root, train_list=trees["train"][0], test_list=trees["test"][0],
                      train=trees["train"][1], test=trees["test"][1], no_gt=dict(per_drive),
                      depth_missing=dict(per_drive))
+
+
+# --- folders of image/depth pairs ------------------------------------------------------------------------
+
+FOLDER_LAYOUTS = ("nested", "flat", "stems")
+FOLDER_DEPTH_FORMATS = ("png16", "png8", "npy", "tiff", "exr")
+
+
+def write_depth_folder(root: str, layout: str = "nested", depth_format: str = "png16", num_images: int = 6,
+                       height: int = 48, width: int = 64, depth_scale: float = 1000.0, invalid: float = 0.0,
+                       image_format: str = "jpg", seed: int = 0, frames_per_scene: int = 3) -> list[tuple[str, str]]:
+    """Synthetic rooms as a folder of image/depth pairs; returns the (image, depth) paths relative to ``root``.
+
+    Layouts: ``nested``: ``rgb/<scene>/frame_NNN.<image_format>`` + ``depth/<scene>/frame_NNN.<ext>`` (pairs by
+    relative path; stems repeat across scenes); ``flat``: ``<scene>_NNN.<image_format>`` + ``<scene>_NNN.<ext>``
+    in ``root``; ``stems``: ``rgb/<scene>/<scene>_NNN.<image_format>`` + ``depth/<scene>_NNN.<ext>`` (pairs only by
+    the unique stem). Depth formats: ``png16`` (uint16 of metres * ``depth_scale``, rounded), ``png8`` (uint8,
+    likewise), ``npy`` (float32 metres * scale), ``tiff`` (float32 TIFF, likewise), ``exr`` (float32 EXR; needs an
+    OpenCV built with OpenEXR). A 4x4 block in the top-left corner of every depth map holds ``invalid``.
+    """
+    if layout not in FOLDER_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {FOLDER_LAYOUTS}")
+    if depth_format not in FOLDER_DEPTH_FORMATS:
+        raise ValueError(f"depth_format {depth_format!r}: expected one of {FOLDER_DEPTH_FORMATS}")
+    ext = {"png16": ".png", "png8": ".png", "npy": ".npy", "tiff": ".tiff", "exr": ".exr"}[depth_format]
+    pairs = []
+    for sc in synthetic.iter_scenes(seed, num_images, height, width, "train", frames_per_scene):
+        stem = f"{sc.scene_dir}_{sc.frame:03d}"
+        img_rel, dep_rel = {
+            "nested": (f"rgb/{sc.scene_dir}/frame_{sc.frame:03d}.{image_format}",
+                       f"depth/{sc.scene_dir}/frame_{sc.frame:03d}{ext}"),
+            "flat": (f"{stem}.{image_format}", f"{stem}{ext}"),
+            "stems": (f"rgb/{sc.scene_dir}/{stem}.{image_format}", f"depth/{stem}{ext}"),
+        }[layout]
+        _imwrite(os.path.join(root, img_rel), sc.image[..., ::-1])
+        stored = sc.depth.astype(np.float64) * depth_scale
+        if depth_format in ("png16", "png8"):
+            top = 65535 if depth_format == "png16" else 255
+            stored = np.clip(np.round(stored), 0, top).astype(np.uint16 if depth_format == "png16" else np.uint8)
+        else:
+            stored = stored.astype(np.float32)
+        stored[:4, :4] = invalid
+        dep_path = os.path.join(root, dep_rel)
+        if depth_format == "npy":
+            os.makedirs(os.path.dirname(dep_path), exist_ok=True)
+            np.save(dep_path, stored)
+        else:
+            if depth_format == "exr":
+                os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+            _imwrite(dep_path, stored)
+        pairs.append((img_rel, dep_rel))
+    return pairs
