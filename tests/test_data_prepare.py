@@ -201,7 +201,7 @@ def test_stock_fastdepth_build(tmp_path):
     (batch,) = list(ev)
     assert batch["valid"].tolist() == [True, True, False, False]
     assert batch["depth"].dtype == np.float32 and batch["image"].shape == (4, 480, 640, 3)
-    assert (batch["class_id"] == scenes.UNKNOWN_CLASS).all()
+    assert (batch["class_id"] == -1).all()  # no scene label: the class table's mean row
     import h5py
 
     with h5py.File(tmp_path / "src/nyudepthv2/val/official/00001.h5") as f:
