@@ -75,6 +75,17 @@ def test_mmseg_matches_mmengine_recursion_small():
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("w,d", [(1, 2), (1, 3), (2, 3), (2, 4)])
+def test_mmseg_shortest_schedules_are_finite(w, d):
+    # A one-update warm-up or decay was 0/0: NaN learning rates. Now: the warm-up starts at f * base, the peak is
+    # base, the floor is reached at decay_end. (mmengine's PolyLR over a single step never decays at all.)
+    got = _evaluate(S.mmseg_schedule(warmup_end=w, decay_end=d), np.arange(8))
+    assert np.isfinite(got).all()
+    assert got[0] == pytest.approx(3e-5) and got[w] == pytest.approx(1e-3) and got[d:] == pytest.approx(3e-5)
+    if d - w >= 2 and w >= 2:
+        np.testing.assert_allclose(got, _simulate_mmseg(8, w=w, d=d, total=8), rtol=1e-5)
+
+
 def test_mmseg_corner_steps_full_length():
     ref = _simulate_mmseg(25000)
     counts = [0, 1, 6000, 11998, 11999, 12000, 12001, 18000, 23998, 23999, 24000, 24999]

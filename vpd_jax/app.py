@@ -40,6 +40,7 @@ from vpd_jax.errors import UsageError, UserError
 from vpd_jax.inference.images import IMAGE_SUFFIXES, load_image
 from vpd_jax.inference.predictor import MODES, Predictor, Scene
 from vpd_jax.scenes import NYU_CLASSES
+from vpd_jax.weights.loader import split_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_WORKDIR = pathlib.Path("demo_out") / "workdir"  # where demo.py trains (relative to the checkout)
@@ -371,7 +372,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         source = str(found)
     else:
         source = args.checkpoint
-        if not pathlib.Path(source).expanduser().exists():
+        if not split_source(source)[0].exists():  # WORKDIR:latest names WORKDIR
             raise UserError(f"--checkpoint {source}: no such file or folder")
     # Checked before the model loads (minutes with SD-1.5 weights), without importing it (see GRADIO_TEMP_DIR).
     if importlib.util.find_spec("gradio") is None:

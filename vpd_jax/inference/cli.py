@@ -113,7 +113,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     # Before the model is loaded (minutes with SD-1.5 weights): where to write, and that there is something to read.
     out_dir = check_output_folder("--output", args.output)
-    if not pathlib.Path(args.checkpoint).expanduser().exists():
+    if not split_source(args.checkpoint)[0].exists():  # WORKDIR:latest names WORKDIR
         raise UserError(f"--checkpoint {args.checkpoint}: no such file or folder")
     if not gather_inputs(args.input, exclude=out_dir)[0]:
         raise UsageError(f"--input {' '.join(args.input)}: no images there (expected image files, folders holding "

@@ -212,8 +212,8 @@ class Predictor:
     def _slide(self, batch: np.ndarray) -> np.ndarray:
         """Flip-averaged sliding windows over (B, H, W, 3) float images with H, W >= crop."""
         b, h, w, _ = batch.shape
-        ch, cw = min(self.crop, h), min(self.crop, w)
-        ys, xs = mmseg_window_starts(h, ch, self.stride), mmseg_window_starts(w, cw, self.stride)
+        ch, cw = min(self.crop[0], h), min(self.crop[1], w)
+        ys, xs = mmseg_window_starts(h, ch, self.stride[0]), mmseg_window_starts(w, cw, self.stride[1])
         # The evaluator's windows and merge; every window (and mirror) in one call that _run chunks.
         depth = slide_flip_predict(lambda rows, _: self._run(np.asarray(rows)), batch, np.zeros((b,), np.int32),
                                    crop=(ch, cw), y_starts=ys, x_starts=xs, flip=self.flip, one_call=True)

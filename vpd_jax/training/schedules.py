@@ -66,10 +66,12 @@ def mmseg_schedule(
     ``i < warmup_end``: ``base * (f + (1 - f) * i / (warmup_end - 1))``;
     ``warmup_end <= i < decay_end``: ``m + (base - m) * (1 - k / T)**power`` with ``k = i - warmup_end``,
     ``T = decay_end - warmup_end - 1`` and ``m = eta_min_ratio * base``; after that ``m``.
-    (These are the closed forms of mmengine's recursive updates.)
+    (These are the closed forms of mmengine's recursive updates; a one-update warm-up or decay, where mmengine
+    divides by zero or never decays, starts at ``f * base`` and reaches ``m`` at ``decay_end``.)
     """
-    warm_total = warmup_end - 1
-    poly_total = decay_end - warmup_end - 1
+    # At least 1, so that a one-update warm-up or decay is a step, not 0/0 (NaN).
+    warm_total = max(warmup_end - 1, 1)
+    poly_total = max(decay_end - warmup_end - 1, 1)
     eta_min = eta_min_ratio * base_lr
 
     def schedule(count):

@@ -47,9 +47,11 @@ def random_variables(cfg: VPDConfig, seed: int = 0) -> dict:
     return with_class_embeddings(v, table)
 
 
-def save_micro_checkpoint(out_dir: str | os.PathLike, seed: int = 0, crop: int | None = None) -> pathlib.Path:
-    """The micro model with random weights as a converted checkpoint folder at ``out_dir`` (must not exist)."""
-    cfg = micro_config()
+def save_micro_checkpoint(out_dir: str | os.PathLike, seed: int = 0, crop: int | None = None,
+                          config: VPDConfig | None = None) -> pathlib.Path:
+    """The micro model (or ``config``'s) with random weights as a converted checkpoint folder at ``out_dir`` (must
+    not exist), as ``python -m vpd_jax.tools.convert`` writes one for a released checkpoint."""
+    cfg = config or micro_config()
     conv = vc.Conversion(variables=random_variables(cfg, seed), config=cfg, format="official", skipped={},
                          source="vpd_jax.weights.testing micro model")
     return vc.save_converted(conv, out_dir, crop=crop)
