@@ -110,24 +110,33 @@ def test_depth_formats_scale_and_invalid(tmp_path, capsys, fmt, scale, invalid):
         assert (rows[0]["depth"][10, 10:14] == 0).all()
 
 
+def _read_exr_channel(path, name):
+    import OpenEXR
+
+    with OpenEXR.File(str(path), separate_channels=True) as f:
+        return np.asarray(f.channels()[name].pixels)
+
+
 def test_exr_depth(tmp_path, capsys):
     root = tmp_path / "src"
-    if folder.exr_supported():
-        pairs = dt.write_depth_folder(str(root), layout="flat", depth_format="exr", num_images=2, depth_scale=1)
-        assert _run(["--images", f"{root}/*.jpg", "--depths", f"{root}/*.exr", "--depth_scale", "1",
-                     "--val_fraction", "0", "--name", "exr"], tmp_path / "data") == 0
-        for r in _read_all(tmp_path / "data", "depth_folder/exr", "train"):
-            dep = root / (os.path.splitext(r["file_name"].decode())[0] + ".exr")
-            np.testing.assert_array_equal(r["depth"], _expected_depth(dep, 1))
-        assert len(pairs) == 2
-    else:  # this OpenCV has no OpenEXR: one line saying so and what to do, nothing written
-        pairs = dt.write_depth_folder(str(root), layout="flat", depth_format="npy", num_images=2)
-        (root / pairs[0][1]).rename(root / pairs[0][1].replace(".npy", ".exr"))
-        assert _run(["--images", f"{root}/*.jpg", "--depths", str(root), "--depth_scale", "1"], tmp_path / "d") == 1
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "cannot read EXR" in err and "convert them to .npy or float32 .tiff" in err
-        assert pairs[0][1].replace(".npy", ".exr") in err
-        assert not (tmp_path / "d" / "depth_folder").exists()
+    pairs = dt.write_depth_folder(str(root), layout="flat", depth_format="exr", num_images=3, depth_scale=1)
+    # A multi-channel file (colour + Z) gives its Z channel; a damaged one is named and skipped.
+    z_file = root / pairs[1][1]
+    z = _read_exr_channel(z_file, "Z")
+    dt.write_exr(str(z_file), {"R": np.ones_like(z), "G": np.ones_like(z), "B": np.ones_like(z), "Z": z})
+    (root / pairs[2][1]).write_bytes(b"not an exr file")
+    assert _run(["--images", f"{root}/*.jpg", "--depths", f"{root}/*.exr", "--depth_scale", "1",
+                 "--val_fraction", "0", "--name", "exr"], tmp_path / "data") == 0
+    err = capsys.readouterr().err
+    assert f"{root / pairs[2][1]}: corrupt or unreadable EXR depth map" in err
+    rows = _read_all(tmp_path / "data", "depth_folder/exr", "train")
+    assert len(rows) == 2
+    for r in rows:
+        dep = root / (os.path.splitext(r["file_name"].decode())[0] + ".exr")
+        vals = _read_exr_channel(dep, "Z")
+        want = np.where(vals > 0, vals, 0).astype(np.float32)
+        np.testing.assert_array_equal(r["depth"], want)
+        assert (r["depth"][:4, :4] == 0).all() and (r["depth"] > 0).mean() > 0.9
 
 
 def test_stem_pairing_unpaired_and_unreadable_files(tmp_path, capsys):

@@ -17,9 +17,9 @@ very pixels decoded as they are (8-bit, 3 channels, no EXIF rotation); grey, RGB
 stored as the PNG of what ``cv2.imread`` gives. So the stored pixels are always ``cv2.imread(path)[..., ::-1]``.
 
 Depth: a 2-D map, 8- or 16-bit PNG, ``.npy`` (any numeric dtype), TIFF (``cv2`` reads float32 TIFF) or EXR
-(only with an OpenCV built with OpenEXR; the pinned opencv-python-headless wheel is not, and then EXR depth is an
-error telling you to convert it). metres = float32(value) / float32(``depth_scale``); the ``invalid`` value,
-negative and non-finite values become 0 (no depth). The map must have its image's height and width.
+(read with the ``OpenEXR`` package: its one channel, or the first of ``Z``, ``depth``, ``Y``, ``R``).
+metres = float32(value) / float32(``depth_scale``); the ``invalid`` value, negative and non-finite values become 0
+(no depth). The map must have its image's height and width.
 
 Splits ``train`` and ``val``: ``val_list`` (a file of image relative paths, with or without suffix, or stems;
 one a line) or ``val_fraction``: the ``round(fraction * n)`` pairs (at least 1 when there are 2 or more, at
@@ -35,7 +35,6 @@ name); the most specific match wins. Images with no entry get "".
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import hashlib
 import json
@@ -348,15 +347,34 @@ def scene_of(pair: Pair, scene_from: str, table: dict[str, str] | None) -> str |
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def exr_supported() -> bool:
-    """Whether this OpenCV can read EXR (it needs ``OPENCV_IO_ENABLE_OPENEXR``, set here, and an OpenEXR build)."""
-    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
-    import cv2
+EXR_DEPTH_CHANNELS = ("Z", "depth", "Y", "R")  # tried in this order when an EXR file has several channels
 
-    info = cv2.getBuildInformation()
-    m = re.search(r"OpenEXR:\s*(\S+)", info)
-    return bool(m) and m.group(1).upper() != "NO"
+
+def exr_supported() -> bool:
+    """Whether the ``OpenEXR`` package (requirements.txt) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("OpenEXR") is not None
+
+
+def read_exr(path: str) -> np.ndarray:
+    """The depth channel of an EXR file (its only channel, or the first of ``EXR_DEPTH_CHANNELS``)."""
+    import OpenEXR
+
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: depth map does not exist")
+    try:
+        with OpenEXR.File(path, separate_channels=True) as f:
+            channels = {name: np.asarray(c.pixels) for name, c in f.channels().items()}
+    except Exception as e:  # noqa: BLE001 - OpenEXR raises RuntimeError and others for damaged files
+        raise BadInput(f"{path}: corrupt or unreadable EXR depth map ({' '.join(str(e).split())[:160]})") from None
+    if len(channels) == 1:
+        return next(iter(channels.values()))
+    for name in EXR_DEPTH_CHANNELS:
+        if name in channels:
+            return channels[name]
+    raise BadInput(f"{path}: EXR channels {sorted(channels)}; expected one channel or one named "
+                   f"{', '.join(EXR_DEPTH_CHANNELS)}")
 
 
 def load_image(path: str) -> tuple[bytes, tuple[int, int]]:
@@ -394,10 +412,9 @@ def read_depth_values(path: str) -> np.ndarray:
             raise BadInput(f"{path}: depth map does not exist") from None
         except (OSError, ValueError, EOFError) as e:
             raise BadInput(f"{path}: corrupt or unreadable .npy depth map ({' '.join(str(e).split())})") from None
-    elif ext in (".png", ".tif", ".tiff", ".exr"):
-        if ext == ".exr" and not exr_supported():
-            raise BadInput(f"{path}: this OpenCV build cannot read EXR (no OpenEXR); convert the depth maps to "
-                           ".npy or float32 .tiff")
+    elif ext == ".exr":
+        arr = read_exr(path)
+    elif ext in (".png", ".tif", ".tiff"):
         import cv2
 
         data = _read(path, "depth map")
@@ -472,8 +489,8 @@ def plan(images: str, depths: str, *, name: str | None = None, val_fraction: flo
                          f"{dep_files.root} (same relative path or unique stem)")
     exr = sorted(p.depth for p in pairs if p.depth.lower().endswith(".exr"))
     if exr and not exr_supported():
-        raise ValueError(f"{exr[0]}: this OpenCV build cannot read EXR ({len(exr)} EXR depth files; OpenEXR "
-                         "is not in cv2.getBuildInformation()); convert them to .npy or float32 .tiff")
+        raise ValueError(f"{exr[0]}: reading EXR needs the OpenEXR package ({len(exr)} EXR depth files); "
+                         "pip install -r requirements.txt, or convert them to .npy or float32 .tiff")
     unmatched = 0
     if val_list is not None:
         splits, unmatched = split_by_list(pairs, val_list, warn)

@@ -350,6 +350,15 @@ def write_kitti_tree(root: str, height: int = KITTI_SIZE[0], width: int = KITTI_
 
 # --- folders of image/depth pairs ------------------------------------------------------------------------
 
+def write_exr(path: str, channels: dict[str, np.ndarray]) -> None:
+    """An EXR file of float channels (``{"Z": depth}``), written with the OpenEXR package."""
+    import OpenEXR
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    OpenEXR.File(header, {k: np.ascontiguousarray(v) for k, v in channels.items()}).write(path)
+
+
 FOLDER_LAYOUTS = ("nested", "flat", "stems")
 FOLDER_DEPTH_FORMATS = ("png16", "png8", "npy", "tiff", "exr")
 
@@ -363,8 +372,8 @@ def write_depth_folder(root: str, layout: str = "nested", depth_format: str = "p
     relative path; stems repeat across scenes); ``flat``: ``<scene>_NNN.<image_format>`` + ``<scene>_NNN.<ext>``
     in ``root``; ``stems``: ``rgb/<scene>/<scene>_NNN.<image_format>`` + ``depth/<scene>_NNN.<ext>`` (pairs only by
     the unique stem). Depth formats: ``png16`` (uint16 of metres * ``depth_scale``, rounded), ``png8`` (uint8,
-    likewise), ``npy`` (float32 metres * scale), ``tiff`` (float32 TIFF, likewise), ``exr`` (float32 EXR; needs an
-    OpenCV built with OpenEXR). A 4x4 block in the top-left corner of every depth map holds ``invalid``.
+    likewise), ``npy`` (float32 metres * scale), ``tiff`` (float32 TIFF, likewise), ``exr`` (float32 EXR, channel
+    ``Z``). A 4x4 block in the top-left corner of every depth map holds ``invalid``.
     """
     if layout not in FOLDER_LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {FOLDER_LAYOUTS}")
@@ -392,9 +401,9 @@ def write_depth_folder(root: str, layout: str = "nested", depth_format: str = "p
         if depth_format == "npy":
             os.makedirs(os.path.dirname(dep_path), exist_ok=True)
             np.save(dep_path, stored)
+        elif depth_format == "exr":
+            write_exr(dep_path, {"Z": stored})
         else:
-            if depth_format == "exr":
-                os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
             _imwrite(dep_path, stored)
         pairs.append((img_rel, dep_rel))
     return pairs
