@@ -41,3 +41,23 @@ def reference_dir():
     if not (folder / "nyu_train_list.txt").exists():
         pytest.skip(f"{NYU_LISTS_ENV} names no folder with the official NYU lists (wl-zhao/VPD depth/)")
     return folder
+
+
+def run_entry_point(script: str, *args: str, check: bool = True, timeout: int = 900):
+    """``python SCRIPT ARGS`` from the repository root on the CPU, with the persistent compile cache shared."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VPD_COMPILATION_CACHE=str(ROOT / ".jax_cache"), TF_CPP_MIN_LOG_LEVEL="3", USE_TF="0",
+               JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """:func:`run_entry_point`, for tests that run ``train.py``, ``eval.py`` or ``predict.py`` end to end."""
+    return run_entry_point

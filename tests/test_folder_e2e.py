@@ -4,10 +4,6 @@ folders' own scene classes (``class_rule="scene"``), evaluated by ``eval.py``, a
 image's folder as its scene. The micro model stands in for SD-1.5; subprocesses share .jax_cache."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,18 +13,7 @@ from vpd_jax.data import testing as dt
 from vpd_jax.models.vpd import VPDConfig
 from vpd_jax.weights.testing import save_micro_checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PY = sys.executable
 H, W = 64, 96
-
-
-def _run(script, *args, check=True):
-    env = dict(os.environ, VPD_COMPILATION_CACHE=str(ROOT / ".jax_cache"), TF_CPP_MIN_LOG_LEVEL="3", USE_TF="0",
-               JAX_PLATFORMS="cpu")
-    p = subprocess.run([PY, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +33,7 @@ def folder(tmp_path_factory):
     return root, src, data, table, scenes, released
 
 
-def test_fine_tune_a_converted_checkpoint_on_a_folder(folder):
+def test_fine_tune_a_converted_checkpoint_on_a_folder(folder, run_script):
     root, src, data, table, scenes, released = folder
     wd = root / "wd"
     args = ["--config=configs/finetune_folder.py", "--config.model.size=micro", f"--config.data_dir={data}",
@@ -56,7 +41,7 @@ def test_fine_tune_a_converted_checkpoint_on_a_folder(folder):
             "--config.aug.crop_size=(64,64)", "--config.train.global_batch_size=4", "--config.train.group_size=2",
             "--config.train.total_steps=2", "--config.optimizer.warmup_steps=1", "--config.optimizer.decay_steps=2",
             "--config.checkpoint.async_save=False", "--config.eval.num_pictures=1", "--config.log_every_steps=1"]
-    p = _run("train.py", *args, f"--config.init_from={released}", f"--workdir={wd}")
+    p = run_script("train.py", *args, f"--config.init_from={released}", f"--workdir={wd}")
     assert f"weights, BatchNorm statistics and class table from {released}" in p.stdout
     assert f"class table replaced by {table}" in p.stdout
     classes = json.loads((wd / "classes.json").read_text())
@@ -65,13 +50,13 @@ def test_fine_tune_a_converted_checkpoint_on_a_folder(folder):
     final = json.loads((wd / "eval" / "step_2.json").read_text())
     assert final["num_images"] == 3 and np.isfinite(final["metrics"]["rmse"])  # 25% of 12 in val
 
-    e = _run("eval.py", *args, f"--workdir={wd}", "--which=latest", f"--output={root / 'eval.json'}")
+    e = run_script("eval.py", *args, f"--workdir={wd}", "--which=latest", f"--output={root / 'eval.json'}")
     res = json.loads((root / "eval.json").read_text())
     assert res["split"] == "val" and res["num_images"] == 3
     assert res["metrics"]["rmse"] == pytest.approx(final["metrics"]["rmse"], rel=1e-5), e.stdout
 
     out = root / "pred"
-    p = _run("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(src / "rgb"), "--output", str(out),
+    p = run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(src / "rgb"), "--output", str(out),
              "--scene_from", "parent", "--npy", "--no_progress")
     assert "done: 12 image(s) written" in p.stderr and "note:" not in p.stderr
     assert len(list(out.rglob("*_depth.npy"))) == 12
@@ -80,15 +65,15 @@ def test_fine_tune_a_converted_checkpoint_on_a_folder(folder):
     scene = scenes[0]
     one = root / "one"
     first = sorted((src / "rgb" / scene).iterdir())[0]
-    _run("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(one),
+    run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(one),
          "--scene", scene.replace("_", " ").upper(), "--npy", "--no_progress")
     a = np.load(next(one.rglob("*_depth.npy")))
     b = np.load(next(p for p in out.rglob("*_depth.npy") if p.name.startswith(first.stem) and scene in str(p)))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     mean = root / "mean"
-    _run("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(mean), "--npy",
+    run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(mean), "--npy",
          "--no_progress")
     assert np.abs(np.load(next(mean.rglob("*_depth.npy"))) - a).max() > 1e-3  # the scene row matters
-    bad = _run("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(root / "x"),
+    bad = run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(first), "--output", str(root / "x"),
                "--scene", "kitchen", check=False)
     assert bad.returncode == 2 and "not a class of the model's table" in bad.stderr and scenes[0] in bad.stderr

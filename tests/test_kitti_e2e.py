@@ -4,10 +4,6 @@ evaluated by ``eval.py`` with the KITTI protocol (KB crop, Garg crop, 1e-3..80 m
 Subprocesses share the repo's persistent compile cache (.jax_cache)."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +11,6 @@ import pytest
 from vpd_jax.data import prepare
 from vpd_jax.data import testing as dt
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PY = sys.executable
 SMALL = [
     "--config=configs/kitti_352.py",
     "--config.model.size=micro",
@@ -35,15 +29,6 @@ SMALL = [
 ]
 
 
-def _run(script, *args, check=True):
-    env = dict(os.environ, VPD_COMPILATION_CACHE=str(ROOT / ".jax_cache"), TF_CPP_MIN_LOG_LEVEL="3", USE_TF="0",
-               JAX_PLATFORMS="cpu")
-    p = subprocess.run([PY, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
 @pytest.fixture(scope="module")
 def kitti(tmp_path_factory):
     root = tmp_path_factory.mktemp("kitti")
@@ -58,11 +43,11 @@ def kitti(tmp_path_factory):
     return root, tree, data, table
 
 
-def test_kitti_recipe_trains_and_evaluates(kitti):
+def test_kitti_recipe_trains_and_evaluates(kitti, run_script):
     root, tree, data, table = kitti
     wd = root / "wd"
     args = [*SMALL, f"--config.data_dir={data}", f"--config.class_embeddings={table}"]
-    p = _run("train.py", *args, f"--workdir={wd}")
+    p = run_script("train.py", *args, f"--workdir={wd}")
     final = json.loads((wd / "eval" / "step_2.json").read_text())
     assert final["num_images"] == len(tree.test)
     assert np.isfinite(final["metrics"]["rmse"]) and final["metrics"]["rmse"] > 0
@@ -73,7 +58,7 @@ def test_kitti_recipe_trains_and_evaluates(kitti):
     assert f"on {len(tree.test)} images" in p.stdout
 
     out = root / "eval.json"
-    e = _run("eval.py", *args, f"--workdir={wd}", "--which=latest", f"--output={out}")
+    e = run_script("eval.py", *args, f"--workdir={wd}", "--which=latest", f"--output={out}")
     res = json.loads(out.read_text())
     assert res["num_images"] == len(tree.test) and res["dataset"] == "kitti_vpd/eigen"
     for k in ("rmse", "abs_rel", "d1"):
@@ -82,9 +67,9 @@ def test_kitti_recipe_trains_and_evaluates(kitti):
     assert "error" not in e.stderr.lower()
 
 
-def test_a_scene_without_a_row_is_one_error(kitti):
+def test_a_scene_without_a_row_is_one_error(kitti, run_script):
     root, _, data, table = kitti
-    p = _run("train.py", *SMALL, f"--config.data_dir={data}", f"--config.class_embeddings={table}",
+    p = run_script("train.py", *SMALL, f"--config.data_dir={data}", f"--config.class_embeddings={table}",
              "--config.class_rule=scene", f"--workdir={root / 'wd_bad'}", check=False)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode != 0 and len(errors) == 1, p.stderr[-2000:]

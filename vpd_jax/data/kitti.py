@@ -27,9 +27,10 @@ import os
 import numpy as np
 
 from vpd_jax.data.builder import NO_CLASS
-from vpd_jax.data.sources import BadInput, Item, _raiser, _read, decode_image
+from vpd_jax.data.sources import BadInput, Item, _raiser, _read, decode_depth_png, decode_image
+from vpd_jax.protocols import KITTI_DEPTH_SCALE
 
-DEPTH_SCALE = 256.0  # stored uint16 = metres * 256
+DEPTH_SCALE = KITTI_DEPTH_SCALE  # stored uint16 = metres * 256
 DEPTH_SUBDIRS = ("", "train", "val")  # where a listed depth path is looked for, in this order
 
 
@@ -85,17 +86,7 @@ def find_depth(kitti_depth: str, rel: str) -> str | None:
 
 def decode_depth(data: bytes, path: str, size: tuple[int, int]) -> np.ndarray:
     """A KITTI uint16 depth PNG -> float32 metres (value / 256, 0 = invalid), checked against the image ``size``."""
-    import cv2
-
-    dep = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if dep is None:
-        raise BadInput(f"{path}: corrupt or unreadable depth map")
-    if dep.ndim != 2 or dep.dtype != np.uint16:
-        raise BadInput(f"{path}: expected a 16-bit single-channel depth PNG (metres * 256), got shape "
-                       f"{dep.shape} {dep.dtype}")
-    if dep.shape != tuple(size):
-        raise BadInput(f"{path}: depth map is {dep.shape[0]}x{dep.shape[1]} but its image is {size[0]}x{size[1]}")
-    return dep.astype(np.float32) / np.float32(DEPTH_SCALE)
+    return decode_depth_png(data, path, size, DEPTH_SCALE)
 
 
 def _item(kitti_raw: str, entry: EigenLine, depth_path: str, where: str) -> Item:

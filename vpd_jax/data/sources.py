@@ -83,18 +83,20 @@ def decode_image(data: bytes, path: str, expected_size: tuple[int, int] | None) 
     return img
 
 
-def decode_depth_png(data: bytes, path: str, size: tuple[int, int]) -> np.ndarray:
-    """uint16 millimetre PNG -> float32 metres, checked against the image ``size``."""
+def decode_depth_png(data: bytes, path: str, size: tuple[int, int], scale: float = 1000.0) -> np.ndarray:
+    """uint16 depth PNG -> float32 metres (value / ``scale``: NYU's millimetres 1000, KITTI's 256; 0 = invalid),
+    checked against the image ``size``."""
     import cv2
 
     dep = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if dep is None:
         raise BadInput(f"{path}: corrupt or unreadable depth map")
     if dep.ndim != 2 or dep.dtype != np.uint16:
-        raise BadInput(f"{path}: expected a 16-bit single-channel depth PNG, got shape {dep.shape} {dep.dtype}")
+        raise BadInput(f"{path}: expected a 16-bit single-channel depth PNG (metres * {scale:g}), got shape "
+                       f"{dep.shape} {dep.dtype}")
     if dep.shape != tuple(size):
         raise BadInput(f"{path}: depth map is {dep.shape[0]}x{dep.shape[1]} but its image is {size[0]}x{size[1]}")
-    return dep.astype(np.float32) / np.float32(1000.0)
+    return dep.astype(np.float32) / np.float32(scale)
 
 
 def _read(path: str, what: str, where: str | None = None) -> bytes:
