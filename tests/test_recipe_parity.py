@@ -224,7 +224,7 @@ def test_the_trained_workdir_predicts_as_the_trained_pytorch_model(official_run)
     image = R.images((SIZE, SIZE, 3), seed=5)
     want = ref(image[None], class_ids=[-1], threads=2)[0]
     p = Predictor.from_checkpoint(f"{wd}:latest", flip=False, batch_size=1)
-    assert p.crop == SIZE
+    assert p.crop == (SIZE, SIZE)
     got = p.predict(image)
     assert float(np.std(want)) > 0.05
     assert float(np.max(np.abs(got - want))) < 4e-3  # metres

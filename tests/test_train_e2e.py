@@ -204,7 +204,7 @@ def test_predictor_loads_a_training_workdir(full_run):
     from vpd_jax import Predictor
 
     predictor = Predictor.from_checkpoint(str(wd))  # the best-by-RMSE weights, crop from the run's config
-    assert predictor.crop == 64
+    assert predictor.crop == (64, 64)
     depth = predictor.predict(np.full((64, 96, 3), 128, np.uint8))
     assert depth.shape == (64, 96) and depth.dtype == np.float32 and np.all((depth > 0) & (depth < 10))
 
