@@ -1,4 +1,4 @@
-"""TFDS builders of our array_record depth datasets, and the stock ``nyu_depth_v2``.
+"""TFDS builders of our array_record depth and segmentation datasets, and the stock ``nyu_depth_v2``.
 
 Datasets (``<name>/<config>``): ``nyu_vpd/<source>`` (NYUv2 in the layouts VPD users have), ``kitti_vpd/eigen``
 (KITTI, Eigen split) and ``depth_folder/<name>`` (any folder of image/depth pairs). One feature set for all,
@@ -12,6 +12,14 @@ one example per image:
 * ``file_name``: the image's path relative to its source root (``<scene_dir>/rgb_NNNNN.jpg``, ...).
 * ``class_id``: NYU's official class rule's id (0..26); ``class_id_mmseg``: the mmseg rule's (0..27). Datasets
   without NYU scene classes store -1 in both; their rows come from the run's ``class_rule`` at load time.
+
+Segmentation (``ade20k_vpd/<config>``: ``ade``, ADE20K from ``ADEChallengeData2016``; ``synthetic``, generated
+rooms with labels; ``segmentation.py``) has its own feature set, one example per image:
+
+* ``image``: as above (the source file's bytes).
+* ``label``: uint8 (H, W, 1) class ids after ``reduce_zero_label`` (0..149, 255 = ignore), PNG-encoded; the
+  image's size.
+* ``file_name``: the image's file name (``ADE_train_00000001.jpg``).
 
 Beside ``dataset_info.json``, ``scenes.json`` counts the examples of each scene name per split, so a run can check
 that every scene has a row in its class table without reading the data.
@@ -43,13 +51,19 @@ VERSION = "1.0.0"
 SOURCES = ("bts", "mat", "mmseg", "synthetic")
 KITTI_NAME = "kitti_vpd"
 FOLDER_NAME = "depth_folder"
+SEG_NAME = "ade20k_vpd"
+SEG_CONFIGS = ("ade", "synthetic")
 # builder name -> (fixed configs (None: any name), homepage, what a config is)
 BUILDERS = {
     NAME: (SOURCES, "https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html", "NYUv2 from the {} source"),
     KITTI_NAME: (("eigen",), "https://www.cvlibs.net/datasets/kitti/eval_depth_all.php",
                  "KITTI raw drives with the annotated depth maps, {} split"),
     FOLDER_NAME: (None, "", "image/depth pairs of the folder dataset {!r}"),
+    SEG_NAME: (SEG_CONFIGS, "http://sceneparsing.csail.mit.edu/",
+               "ADE20K semantic segmentation (150 classes, reduce_zero_label applied), {} source"),
 }
+FEATURE_SETS = ("depth", "segmentation")
+BUILDER_FEATURES = {SEG_NAME: "segmentation"}  # builder name -> feature set (default "depth")
 NO_CLASS = -1  # class_id of examples without a NYU scene class
 SCENES_FILE = "scenes.json"  # beside dataset_info.json: {split: {scene name: number of examples}}
 STOCK_NAME = "nyu_depth_v2"
@@ -90,6 +104,7 @@ def _define_builders() -> dict:
 
         VERSION = tfds.core.Version(VERSION)
         HOMEPAGE = ""
+        FEATURE_SET = "depth"
 
         def __init__(self, *, split_items: dict[str, Callable[[], Iterable[Item]]] | None = None,
                      split_sizes: dict[str, int] | None = None, report: PrepareReport | None = None, **kwargs):
@@ -99,8 +114,14 @@ def _define_builders() -> dict:
             super().__init__(**kwargs)
 
         def _info(self):
-            return self.dataset_info_from_configs(
-                features=tfds.features.FeaturesDict({
+            if self.FEATURE_SET == "segmentation":
+                features = {
+                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+                    "label": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+                    "file_name": tfds.features.Text(),
+                }
+            else:
+                features = {
                     "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
                     "depth": tfds.features.Tensor(shape=(None, None), dtype=np.float32,
                                                   encoding=tfds.features.Encoding.ZLIB),
@@ -108,7 +129,9 @@ def _define_builders() -> dict:
                     "file_name": tfds.features.Text(),
                     "class_id": tfds.features.Scalar(dtype=np.int32),
                     "class_id_mmseg": tfds.features.Scalar(dtype=np.int32),
-                }),
+                }
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict(features),
                 homepage=self.HOMEPAGE,
                 # Keep source order (e.g. the official test list's) instead of TFDS' key-hash order: the eval
                 # loader promises that order, and training shuffles in grain anyway.
@@ -145,13 +168,16 @@ def _define_builders() -> dict:
                 yield item.name, ex
             self._report.written[split] = written
             if written == 0:
-                raise EmptySplit(f"split {split!r} has no usable image/depth pairs "
+                raise EmptySplit(f"split {split!r} has no usable {self._pair_kind()} pairs "
                                  f"({len(self._report.skipped)} skipped); nothing was written")
+
+        def _pair_kind(self) -> str:
+            return "image/label" if self.FEATURE_SET == "segmentation" else "image/depth"
 
     classes = {}
     for builder_name, (configs, homepage, what) in BUILDERS.items():
         attrs = {"name": builder_name, "HOMEPAGE": homepage, "__doc__": what.format("<config>"),
-                 "__module__": __name__}
+                 "__module__": __name__, "FEATURE_SET": BUILDER_FEATURES.get(builder_name, "depth")}
         if configs is not None:
             attrs["BUILDER_CONFIGS"] = [tfds.core.BuilderConfig(name=c, description=what.format(c)) for c in configs]
         classes[builder_name] = type(f"_{builder_name.title().replace('_', '')}", (_DepthBuilder,), attrs,
@@ -163,7 +189,7 @@ _BUILDER_CLASSES = None
 
 
 def builder_class(name: str = NAME):
-    """The TFDS builder class of ``name`` (``nyu_vpd``, ``kitti_vpd`` or ``depth_folder``)."""
+    """The TFDS builder class of ``name`` (``nyu_vpd``, ``kitti_vpd``, ``depth_folder`` or ``ade20k_vpd``)."""
     global _BUILDER_CLASSES
     if _BUILDER_CLASSES is None:
         _BUILDER_CLASSES = _define_builders()

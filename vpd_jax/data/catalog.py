@@ -1,7 +1,8 @@
 """Which datasets the loaders can read, where they live under a ``data_dir``, and the one-line error for a
 missing one. Pure Python (no TensorFlow/TFDS import), so the trainer can check its config up front.
 
-Fixed names (``DATASETS``) plus ``depth_folder/<name>``, any folder dataset prepared with ``--source folder``."""
+Fixed names (``DATASETS``) plus ``depth_folder/<name>``, any folder dataset prepared with ``--source folder``.
+``TASKS`` says which are depth and which segmentation datasets."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ DATASETS: dict[str, dict] = {
                         "prepare": "--source kitti --kitti_raw RAW_DIR --kitti_depth DATA_DEPTH_ANNOTATED_DIR "
                                    "--train_list eigen_train_files_with_gt.txt "
                                    "--test_list eigen_test_files_with_gt.txt"},
+    "ade20k_vpd/ade": {"path": "ade20k_vpd/ade/1.0.0", "prepare": "--source ade20k --ade_dir ADEChallengeData2016",
+                       "aliases": {"test": "validation", "val": "validation"}, "task": "segmentation"},
+    "ade20k_vpd/synthetic": {"path": "ade20k_vpd/synthetic/1.0.0",
+                             "prepare": "--source synthetic_seg --num_train 256 --num_test 64 --height 120 "
+                                        "--width 160",
+                             "aliases": {"test": "validation", "val": "validation"}, "task": "segmentation"},
 }
+TASKS = ("depth", "segmentation")
 FOLDER_PREFIX = "depth_folder/"
 FOLDER_VERSION = "1.0.0"
 
@@ -44,6 +52,11 @@ def _entry(name: str) -> dict | None:
 
 def dataset_names() -> list[str]:
     return list(DATASETS)
+
+
+def dataset_task(name: str) -> str:
+    """``depth`` or ``segmentation``: what ``name``'s examples hold (unknown names: ``depth``)."""
+    return (_entry(name) or {}).get("task", "depth")
 
 
 def dataset_path(data_dir: str, name: str) -> str:

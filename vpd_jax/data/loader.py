@@ -86,6 +86,13 @@ class ClassRule:
         return dict(self.rows).get(scene, self.default)
 
 
+def require_depth_dataset(dataset: str):
+    """A segmentation dataset given to the depth loaders: one line naming the segmentation loaders."""
+    if catalog.dataset_task(dataset) != "depth":
+        raise ConfigError(f"dataset {dataset!r} holds {catalog.dataset_task(dataset)} labels, not depth; read it "
+                          "with vpd_jax.data.seg_loader")
+
+
 def _class_rule(class_rule) -> ClassRule:
     return class_rule if isinstance(class_rule, ClassRule) else ClassRule(str(class_rule))
 
@@ -201,6 +208,7 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     batch = global_batch_size // process_count
+    require_depth_dataset(dataset)
     source = open_source(data_dir, dataset, split)
     n = len(source)
     if n < global_batch_size:
@@ -270,6 +278,7 @@ def make_eval_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str 
 
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    require_depth_dataset(dataset)
     source = open_source(data_dir, dataset, split)
     n = len(source)
     per_host = math.ceil(n / process_count)

@@ -1,4 +1,4 @@
-"""Prepare a depth dataset (NYUv2, KITTI, or any folder of image/depth pairs) for the loaders:
+"""Prepare a depth dataset (NYUv2, KITTI, or any folder of image/depth pairs) or ADE20K for the loaders:
 ``python -m vpd_jax.data.prepare --source ... --data_dir DIR``.
 
 Sources (see ``sources.py`` and ``folder.py`` for the layouts):
@@ -17,6 +17,11 @@ Sources (see ``sources.py`` and ``folder.py`` for the layouts):
   'DIR/**/*.png' --depth_scale 1000`` [``--invalid 0``] [``--val_fraction 0.05`` | ``--val_list FILE``]
   [``--scene_from parent|none|FILE``] [``--name NAME``]. Any image size. Writes ``depth_folder/<name>``
   (splits train[, val]).
+* ``ade20k``: ``--ade_dir ADEChallengeData2016`` (``images/{training,validation}/*.jpg`` with
+  ``annotations/{training,validation}/*.png``; ``segmentation.py``), labels stored after ``reduce_zero_label``.
+  Writes ``ade20k_vpd/ade`` (splits train, validation).
+* ``synthetic_seg``: generated rooms with per-pixel ADE20K labels (``--num_train/--num_test/--height/--width/
+  --seed/--frames_per_scene``; ``--num_test`` rooms make the validation split). ``ade20k_vpd/synthetic``.
 
 Bad pairs are reported one line each and skipped; the run ends with the count (``--strict`` stops at the
 first instead). A dataset already under ``--data_dir`` is replaced only when the new build has finished.
@@ -34,8 +39,10 @@ import sys
 from absl import logging
 
 from vpd_jax.console import ArgumentParser, check_output_folder, run_tool, say_error
-from vpd_jax.data import builder, folder, kitti, sources
+from vpd_jax.data import builder, folder, kitti, segmentation, sources
 from vpd_jax.errors import UsageError
+
+SEG_SOURCES = {"ade20k": "ade", "synthetic_seg": "synthetic"}  # --source -> ade20k_vpd config
 
 
 def _size(text: str) -> tuple[int, int] | None:
@@ -50,7 +57,8 @@ def _size(text: str) -> tuple[int, int] | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m vpd_jax.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, choices=[*builder.SOURCES, "fastdepth", "kitti", "folder"])
+    p.add_argument("--source", required=True,
+                   choices=[*builder.SOURCES, "fastdepth", "kitti", "folder", "ade20k", "synthetic_seg"])
     p.add_argument("--data_dir", required=True, help="where prepared datasets live (the loaders' data_dir)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad pair instead of skipping it")
     p.add_argument("--image_size", type=_size, default=(480, 640),
@@ -71,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="jpeg (default) reproduces the official extraction's files; png keeps the exact pixels")
     g = p.add_argument_group("mmseg")
     g.add_argument("--mmseg_dir", help="mmseg data root holding images/ and annotations/")
-    g = p.add_argument_group("synthetic")
+    g = p.add_argument_group("ade20k")
+    g.add_argument("--ade_dir", help="ADEChallengeData2016: images/{training,validation}/*.jpg and "
+                                     "annotations/{training,validation}/*.png")
+    g = p.add_argument_group("synthetic and synthetic_seg")
     g.add_argument("--num_train", type=int, default=256)
     g.add_argument("--num_test", type=int, default=64)
     g.add_argument("--height", type=int, default=120)
@@ -105,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     need = {"bts": ["bts_dir"], "mat": ["mat", "splits"], "mmseg": ["mmseg_dir"], "synthetic": [],
             "fastdepth": ["fastdepth_dir"], "kitti": ["kitti_raw", "kitti_depth"],
-            "folder": ["images", "depths", "depth_scale"]}[args.source]
+            "folder": ["images", "depths", "depth_scale"], "ade20k": ["ade_dir"], "synthetic_seg": []}[args.source]
     missing = [f"--{k}" for k in need if getattr(args, k) is None]
     if missing:
         p.error(f"--source {args.source} needs {' and '.join(missing)}")
@@ -204,6 +215,22 @@ def split_plan(args) -> tuple[dict, dict]:
                 sizes[split] = n
     elif args.source == "kitti":
         plan, sizes, _ = kitti_split_plan(args)
+    elif args.source == "ade20k":
+        _check_dir(args.ade_dir, "--ade_dir, the extracted ADEChallengeData2016")
+        for split in segmentation.ADE_SPLITS:
+            folder_name = segmentation.ADE_SPLITS[split]
+            if os.path.isdir(os.path.join(args.ade_dir, "images", folder_name)):
+                items = segmentation.ade_items(args.ade_dir, split)
+                plan[split], sizes[split] = (lambda items=items: items), len(items)
+        if not plan:
+            raise FileNotFoundError(f"{args.ade_dir}: no images/training or images/validation directory "
+                                    "(expected the extracted ADEChallengeData2016)")
+    elif args.source == "synthetic_seg":
+        for split, n in (("train", args.num_train), ("validation", args.num_test)):
+            if n > 0:
+                plan[split] = (lambda s=split, n=n: segmentation.synthetic_items(
+                    args.seed, n, args.height, args.width, s, args.frames_per_scene))
+                sizes[split] = n
     return plan, sizes
 
 
@@ -256,7 +283,10 @@ def prepare(argv=None) -> int:
             name, config = builder.KITTI_NAME, "eigen"
         else:
             plan, sizes = split_plan(args)
-            name, config = builder.NAME, args.source
+            if args.source in SEG_SOURCES:
+                name, config = builder.SEG_NAME, SEG_SOURCES[args.source]
+            else:
+                name, config = builder.NAME, args.source
         path = builder.build_dataset(args.data_dir, name, config, plan, sizes, report)
     except builder.StrictStop as e:
         print(f"error (--strict): {e}; nothing under {args.data_dir} was changed", file=sys.stderr)

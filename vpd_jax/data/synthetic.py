@@ -16,6 +16,13 @@ ceiling light, a plain convolutional U-Net trained for 2,000 updates barely beat
 Every scene is tagged with an NYU scene class; the class also biases its palette and clutter so that the label
 is informative.
 
+Every view also has a per-pixel semantic label map (``Scene.label``, uint8) in ADE20K's 0-based class ids
+(``vpd_jax.data.segmentation.ADE20K_CLASSES``): the surface each pixel's ray hits first, named by
+:data:`SURFACE_CLASSES` (wall 0, floor 3, ceiling 5, shelf 24 for a box hanging on a wall, box 41 for one standing
+on the floor, ball 119 for a sphere, column 42 for a cylinder). Pixels whose depth is dropped (beyond range,
+grazing angles) keep the label of the surface they see. The labels come from the same ray casts as the depth
+and change neither the images nor the depth maps.
+
 The generator is deterministic given ``(seed, scene index, view index)`` and independent of image size apart
 from sampling, so a test can ask for 48x64 and a demo for 240x320 of the same scenes.
 """
@@ -38,6 +45,9 @@ MAX_DEPTH = 10.0
 GENERATOR_VERSION = 2
 ALBEDO_FLOOR = 0.3  # material albedo lies in [ALBEDO_FLOOR, 1]: light surfaces, so the flash cue stays readable
 GAMMA = 2.2  # sRGB-like encoding of the linear radiance
+# Surface kind -> ADE20K 0-based class id (mmsegmentation ADE20KDataset.METAINFO order; names in
+# vpd_jax.data.segmentation.ADE20K_CLASSES, which a test checks these against).
+SURFACE_CLASSES = {"wall": 0, "floor": 3, "ceiling": 5, "shelf": 24, "box": 41, "column": 42, "ball": 119}
 
 
 def intrinsics(height: int, width: int) -> tuple[float, float, float, float]:
@@ -56,6 +66,22 @@ class Scene:
     scene_class: str
     scene_dir: str
     frame: int
+    label: np.ndarray | None = None  # uint8 (H,W) ADE20K class ids of the surface each pixel sees
+
+
+def surface_labels(room: "_Room") -> np.ndarray:
+    """ADE20K class id of every surface index ``_intersect`` returns (floor, ceiling, 4 walls, then objects)."""
+    c = SURFACE_CLASSES
+    ids = [c["floor"], c["ceiling"]] + [c["wall"]] * 4
+    for kind, prm, _ in room.objects:
+        if kind == "box":
+            _, cy, _, _, hy, _, _ = prm
+            ids.append(c["box"] if cy + hy >= room.floor_y - 1e-9 else c["shelf"])  # its bottom on the floor?
+        elif kind == "sphere":
+            ids.append(c["ball"])
+        else:
+            ids.append(c["column"])
+    return np.asarray(ids, np.uint8)
 
 
 def _rot_y(a: float) -> np.ndarray:
@@ -318,6 +344,13 @@ def _intersect(room: _Room, o: np.ndarray, d: np.ndarray):
 def render(room: _Room, rot: np.ndarray, cam: np.ndarray, height: int, width: int,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Image uint8 (H,W,3) and camera-z depth float32 (H,W) of ``room`` seen from pose (rot, cam)."""
+    image, depth, _ = render_with_labels(room, rot, cam, height, width, rng)
+    return image, depth
+
+
+def render_with_labels(room: _Room, rot: np.ndarray, cam: np.ndarray, height: int, width: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`render` plus the uint8 (H,W) ADE20K label of the surface each pixel sees (:func:`surface_labels`)."""
     fx, fy, cx, cy = intrinsics(height, width)
     xs, ys = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
     # Camera rays with unit z: the hit parameter t is then the camera-frame z depth itself.
@@ -352,7 +385,8 @@ def render(room: _Room, rot: np.ndarray, cam: np.ndarray, height: int, width: in
     # Kinect-like dropouts: beyond its range, and grazing-angle pixels that return nothing.
     cos_view = np.abs((normal * d).sum(1) / np.linalg.norm(d, axis=1)).reshape(height, width)
     depth = np.where((depth > MAX_DEPTH) | (cos_view < 0.08), 0.0, depth)
-    return image, depth.astype(np.float32)
+    label = surface_labels(room)[np.maximum(mat, 0)].reshape(height, width)  # a closed room: every ray hits
+    return image, depth.astype(np.float32), label
 
 
 def scene_dir_name(seed: int, scene_index: int, split: str = "train") -> tuple[str, int]:
@@ -371,8 +405,8 @@ def generate_scene(seed: int, scene_index: int, frame: int, height: int, width: 
     room = _make_room(np.random.default_rng([seed, split_id, scene_index, 1]), cls_index)
     view_rng = np.random.default_rng([seed, split_id, scene_index, 2, frame])
     rot, cam = _camera_pose(view_rng, room)
-    image, depth = render(room, rot, cam, height, width, view_rng)
-    return Scene(image, depth, NYU_CLASSES[cls_index], scene_dir, frame)
+    image, depth, label = render_with_labels(room, rot, cam, height, width, view_rng)
+    return Scene(image, depth, NYU_CLASSES[cls_index], scene_dir, frame, label)
 
 
 def iter_scenes(seed: int, num_images: int, height: int, width: int, split: str = "train",

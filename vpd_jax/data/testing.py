@@ -407,3 +407,28 @@ def write_depth_folder(root: str, layout: str = "nested", depth_format: str = "p
             _imwrite(dep_path, stored)
         pairs.append((img_rel, dep_rel))
     return pairs
+
+
+# --- ADE20K ----------------------------------------------------------------------------------------------------
+
+def write_ade_tree(root: str, num_train: int = 4, num_val: int = 2, sizes=((40, 56), (48, 40), (36, 64)),
+                   seed: int = 0) -> dict[str, list[str]]:
+    """``ADEChallengeData2016``'s layout: ``images/{training,validation}/ADE_{train,val}_NNNNNNNN.jpg`` and
+    ``annotations/<same>/<stem>.png`` (8-bit grey, 0 = other, 1..150 = ADE20K class + 1), filled with generated
+    rooms of varying sizes (labels from ``synthetic.py``, with a band of "other" at the top-left). Returns the
+    image file names per split."""
+    out = {}
+    for split, folder, prefix, n in (("train", "training", "ADE_train", num_train),
+                                     ("validation", "validation", "ADE_val", num_val)):
+        names = []
+        for i in range(n):
+            h, w = sizes[i % len(sizes)]
+            sc = synthetic.generate_scene(seed, i, 0, h, w, "train" if split == "train" else "test")
+            raw = sc.label.astype(np.uint8) + 1
+            raw[: h // 6, : w // 3] = 0  # unlabelled ("other")
+            stem = f"{prefix}_{i + 1:08d}"
+            _imwrite(os.path.join(root, "images", folder, stem + ".jpg"), sc.image[..., ::-1])
+            _imwrite(os.path.join(root, "annotations", folder, stem + ".png"), raw)
+            names.append(stem + ".jpg")
+        out[split] = names
+    return out
