@@ -15,7 +15,9 @@ pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from reference.torch_clip import tiny_config, torch_text_model, write_tokenizer  # noqa: E402
+from vpd_jax.data.segmentation import ADE20K_CLASSES  # noqa: E402
 from vpd_jax.text import (  # noqa: E402
+    AUTHOR_TEMPLATE,
     IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
     TextEncoder,
@@ -119,3 +121,24 @@ def test_bad_class_list_is_one_line(name, args, needle, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
     assert not (tmp_path / "t.npy").exists() and not (tmp_path / "t.classes.json").exists()
+
+
+def test_ade20k_table_with_the_authors_sentence(clip, tmp_path):
+    assert _run(clip, tmp_path / "ade.npy", "--dataset", "ade20k", "--templates", "author") == 0
+    table = np.load(tmp_path / "ade.npy")
+    side = json.loads((tmp_path / "ade.classes.json").read_text())
+    assert side["classes"] == list(ADE20K_CLASSES) and side["templates"] == "author" and table.shape[0] == 150
+    enc = TextEncoder.from_pretrained(clip, use_fast=True, batch_size=1)
+    np.testing.assert_array_equal(table, class_embedding_table(enc, ADE20K_CLASSES, templates=AUTHOR_TEMPLATE))
+    # One row against transformers' own PyTorch model on the sentence itself (pooled output, max_length 20).
+    import torch
+
+    model = transformers.CLIPTextModel.from_pretrained(clip).eval()
+    tok = transformers.CLIPTokenizerFast.from_pretrained(clip)
+    ids = tok(["a photo of a chest of drawers"], padding="max_length", truncation=True, max_length=20,
+              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).pooler_output[0].numpy()
+    row = table[list(ADE20K_CLASSES).index("chest of drawers")]
+    # measured 1.8e-7 of the largest value (2-core CPU, fp32)
+    np.testing.assert_allclose(row, want, rtol=0, atol=5e-7 * np.abs(want).max())

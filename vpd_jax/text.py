@@ -11,7 +11,7 @@ ImageNet prompt templates; the model's text adapter turns it into the (B, 1, 768
   "a photo of a garage" can replace a table row;
 * ``class_embedding_table``: the official recipe for the (27, 768) NYU table (``python -m
   vpd_jax.tools.class_embeddings``), or a table of any class names; ``TEMPLATE_SETS`` names the template sets
-  (``official``: the 80 ImageNet templates; ``single``: ``"a photo of a {}."``);
+  (``official``: the 80 ImageNet templates; ``single``: ``"a photo of a {}."``; ``author``: ``"a photo of a {}"``);
 * ``scene_embedding``: a scene's row of a 27-row table or of mmseg's 28-row one (``with_unknown_row`` in
   ``vpd_jax.models.vpd`` appends the mean row, which stands for an unknown scene).
 
@@ -119,9 +119,12 @@ assert len(IMAGENET_TEMPLATES) == 80
 
 # CLIP's one-template baseline (the paper's default prompt), for a quick table or a comparison with the 80.
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
+# The sentence the VPD author names for the class tables, segmentation's included (wl-zhao/VPD GitHub issue 22).
+AUTHOR_TEMPLATE: tuple[str, ...] = ("a photo of a {}",)
 
 # Template sets by name (``python -m vpd_jax.tools.class_embeddings --templates``).
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"official": IMAGENET_TEMPLATES, "single": SINGLE_TEMPLATE}
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"official": IMAGENET_TEMPLATES, "single": SINGLE_TEMPLATE,
+                                             "author": AUTHOR_TEMPLATE}
 
 # VPD's FrozenCLIPEmbedder(max_length=20) for the class table; prompts longer than 18 tokens are truncated.
 DEFAULT_MAX_LENGTH = 20

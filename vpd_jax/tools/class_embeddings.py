@@ -15,7 +15,10 @@ Your own scenes, in the order given (one row each, ``_`` -> space as above)::
 
 ``--classes`` takes comma-separated names (a value ending in ``.json`` is read as a file, as before);
 ``--classes_file`` a text file with one name per line (blank lines and lines starting with ``#`` are skipped), a
-JSON list of names, or a ``.classes.json`` written by this tool. ``--templates single`` uses only CLIP's
+JSON list of names, or a ``.classes.json`` written by this tool. ``--dataset ade20k`` takes ADE20K's 150 classes
+(segmentation) instead of NYU's 27. ``--templates author`` uses only ``"a photo of a {}"``, the sentence VPD's
+author names for the class tables (wl-zhao/VPD GitHub issue 22; which the released segmentation table used, one
+sentence or the 80-template mean, the sources do not say). ``--templates single`` uses only CLIP's
 "a photo of a {}." instead of the 80. Next to the table, ``<out stem>.classes.json`` records the rows' classes
 in order and the recipe (``{"classes": [...], "templates": ..., "with_mean": ..., "max_length": ...}``).
 
@@ -40,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vpd_jax.console import ArgumentParser, check_output_file, run_tool
+from vpd_jax.data.segmentation import ADE20K_CLASSES
 from vpd_jax.errors import UsageError
 from vpd_jax.files import atomic_path, write_json
 from vpd_jax.scenes import NYU_CLASSES, class_list_path
@@ -138,7 +142,8 @@ def read_classes_file(path: str | os.PathLike, flag: str = "--classes_file") -> 
 
 
 def class_names_from_args(args) -> list[str]:
-    """The classes of ``--classes`` or ``--classes_file``; the official 27 without either."""
+    """The classes of ``--classes`` or ``--classes_file``; without either, ``--dataset``'s (NYU's 27 scene
+    classes, or ADE20K's 150 in the official order)."""
     if args.classes is not None and args.classes_file is not None:
         raise UsageError("give --classes or --classes_file, not both")
     if args.classes_file is not None:
@@ -150,7 +155,7 @@ def class_names_from_args(args) -> list[str]:
             raise UsageError(f"--classes {args.classes}: is a file; --classes takes names (kitchen,garage), "
                              f"use --classes_file {args.classes}")
         return parse_classes(args.classes)
-    return list(NYU_CLASSES)
+    return list(ADE20K_CLASSES) if getattr(args, "dataset", "nyu") == "ade20k" else list(NYU_CLASSES)
 
 
 def _progress(total_desc: str):
@@ -166,6 +171,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--clip", required=True,
                     help="transformers CLIP folder, weight file in one, or hub id (openai/clip-vit-large-patch14)")
     ap.add_argument("--out", required=True, help="output file: .npy, .safetensors, .pth or .pt")
+    ap.add_argument("--dataset", choices=("nyu", "ade20k"), default="nyu",
+                    help="the classes when neither --classes nor --classes_file is given: NYU's 27 scene classes "
+                         "(depth) or ADE20K's 150 (segmentation) (default: %(default)s)")
     ap.add_argument("--with_mean", action="store_true",
                     help="append the mean row: the (28, 768) table of mmseg, row 27 = unknown scene")
     ap.add_argument("--classes", default=None, metavar="NAMES",
@@ -176,7 +184,8 @@ def build_parser() -> ArgumentParser:
                          "lines skipped), a JSON list (e.g. nyu_class_list.json) or a .classes.json of this tool")
     ap.add_argument("--templates", choices=sorted(TEMPLATE_SETS), default="official",
                     help='prompt templates averaged per class: official = the 80 CLIP ImageNet templates (the '
-                         'recipe), single = "a photo of a {}." alone')
+                         'depth recipe), single = "a photo of a {}." alone, author = "a photo of a {}" (the '
+                         "sentence VPD's author names for the tables)")
     ap.add_argument("--tokenizer", default=None, help="folder of the tokenizer, if not the CLIP source's")
     ap.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
                     help="tokenizer max_length (official: 20)")
