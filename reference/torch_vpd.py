@@ -8,6 +8,8 @@
   ``WIDE``: every level at least 64 wide, so that each norm group holds more than one channel and every tensor
   moves the output). ``official_state`` / ``mmseg_state`` write it in the two released layouts.
 * Helpers: ``randomize_`` (weights at scales that keep activations O(1)), layout conversions and ``maxdiff``.
+* ``record_cross_attention``: VPD's attention store on a diffusers UNet (the official ``ca_forward`` as an
+  attention processor on every ``attn2``), for the segmentation variant's cross-attention features.
 
 Tests and benchmarks import this module; no test file imports another.
 """
@@ -174,6 +176,49 @@ def maxdiff(a, b) -> float:
 
 def images(shape, seed) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- attention maps
+
+class RecordingAttnProcessor:
+    """A diffusers attention processor computing the official ``ca_forward`` (wl-zhao/VPD ``vpd/models.py``,
+    ``register_attention_control``): explicit ``softmax(q k^T * scale)`` on ``(b h) n d`` tensors, the map
+    averaged over heads (``rearrange(attn, '(b h) k c -> h b k c', h=h).mean(0)``, (B, queries, keys)) appended
+    to ``store`` as ``(place, map)`` with ``place`` "down", "mid" or "up", and the usual output. The map is
+    detached, as the official one is (recorded inside CompVis' checkpointed block, under ``torch.no_grad``)."""
+
+    def __init__(self, place: str, store: list):
+        self.place, self.store = place, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        assert attention_mask is None and attn.spatial_norm is None and attn.group_norm is None
+        h, x = attn.heads, hidden_states
+        context = x if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+        b = q.shape[0]
+        # 'b n (h d) -> (b h) n d'
+        q, k, v = (t.reshape(b, t.shape[1], h, -1).permute(0, 2, 1, 3).reshape(b * h, t.shape[1], -1)
+                   for t in (q, k, v))
+        sim = torch.einsum("bid,bjd->bij", q, k) * attn.scale
+        probs = sim.softmax(dim=-1)
+        self.store.append((self.place, probs.reshape(b, h, *probs.shape[1:]).permute(1, 0, 2, 3).mean(0).detach()))
+        out = torch.einsum("bij,bjd->bid", probs, v)
+        # '(b h) n d -> b n (h d)'
+        out = out.reshape(b, h, out.shape[1], -1).permute(0, 2, 1, 3).reshape(b, out.shape[1], -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def record_cross_attention(unet) -> list:
+    """Puts a ``RecordingAttnProcessor`` on every cross-attention (``attn2``) of a diffusers UNet; returns the
+    list it appends ``(place, map)`` to, in call order (clear it between forwards)."""
+    store: list = []
+    places = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+    procs = {name: RecordingAttnProcessor(places[name.split(".")[0]], store) if ".attn2." in name else proc
+             for name, proc in unet.attn_processors.items()}
+    unet.set_attn_processor(procs)
+    return store
 
 
 # ------------------------------------------------------------------------------------------- the whole VPD

@@ -346,3 +346,20 @@ def attention(q, k, v, *, scale: float, impl: str | None = None):
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bnts,bnsh->bnth", probs, vh, preferred_element_type=jnp.float32).astype(dtype)
     return jnp.swapaxes(out, 1, 2)
+
+
+def attention_map(q, k, *, scale: float):
+    """The attention probabilities of (B, T, N, H) queries over (B, S, N, H) keys, averaged over the N heads:
+    (B, T, S) float32, each row summing to 1.
+
+    The explicit softmax of ``attention``'s ``"einsum"`` formulation (float32 logits), for the layers whose maps
+    are wanted (VPD's cross-attention features); ``attention`` itself still computes the layer's output with
+    whatever kernel it picks, so asking for the map never changes the output. Where the output is computed by the
+    ``"einsum"`` path (CPU), XLA computes the shared logits once. The mean over heads is that of
+    ``vpd/models.py`` of wl-zhao/VPD (``rearrange(attn, '(b h) k c -> h b k c', h=h).mean(0)``).
+    """
+    if k.shape[1] == 1:  # softmax over a single key: exactly 1 (as ``attention``'s shortcut)
+        return jnp.ones((q.shape[0], q.shape[1], 1), jnp.float32)
+    qh, kh = (jnp.swapaxes(a, 1, 2) for a in (q, k))  # (B, N, T, H)
+    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32) * scale
+    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vpd_jax.models.blocks import Downsample2D, ResnetBlock2D
-from vpd_jax.models.layers import GroupNorm, LayerNorm, attention, resize_nearest, timestep_embedding
+from vpd_jax.models.layers import GroupNorm, LayerNorm, attention, attention_map, resize_nearest, timestep_embedding
 
 Dtype = Any
 
@@ -136,7 +136,11 @@ def _remat(cls, enabled: bool, policy: str | None):
 # ------------------------------------------------------------------------------------------- blocks
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out_0``)."""
+    """Multi-head attention with diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out_0``).
+
+    ``return_map``: also return the attention probabilities averaged over heads, (B, T, S) float32 without
+    gradient (``layers.attention_map``); the output is computed exactly as without it.
+    """
 
     query_dim: int
     heads: int
@@ -144,6 +148,7 @@ class Attention(nn.Module):
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    return_map: bool = False
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -158,7 +163,12 @@ class Attention(nn.Module):
         k = k.reshape(b, s, self.heads, self.dim_head)
         v = v.reshape(b, s, self.heads, self.dim_head)
         out = attention(q, k, v, scale=self.dim_head ** -0.5, impl=self.attention_impl)
-        return dense(self.query_dim, name="to_out_0")(out.reshape(b, t, inner))
+        out = dense(self.query_dim, name="to_out_0")(out.reshape(b, t, inner))
+        if not self.return_map:
+            return out
+        # No gradient through the map, as in the official training, which records it inside CompVis'
+        # checkpointed transformer block (ldm/modules/diffusionmodules/util.py: the forward runs under no_grad).
+        return out, jax.lax.stop_gradient(attention_map(q, k, scale=self.dim_head ** -0.5))
 
 
 class GEGLU(nn.Module):
@@ -186,6 +196,8 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
+    """``cross_attn_map``: return ``(x, map)``, ``map`` the head-averaged probabilities of ``attn2`` (B, T, S)."""
+
     dim: int
     heads: int
     dim_head: int
@@ -193,6 +205,7 @@ class BasicTransformerBlock(nn.Module):
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cross_attn_map: bool = False
 
     @nn.compact
     def __call__(self, x, context):
@@ -201,13 +214,21 @@ class BasicTransformerBlock(nn.Module):
         h = LayerNorm(1e-5, name="norm1", **kw)(x)
         x = x + attn(name="attn1")(h, context if self.only_cross_attention else None)
         h = LayerNorm(1e-5, name="norm2", **kw)(x)
-        x = x + attn(name="attn2")(h, context)
+        if self.cross_attn_map:
+            a, amap = attn(name="attn2", return_map=True)(h, context)
+            x = x + a
+        else:
+            x = x + attn(name="attn2")(h, context)
         h = LayerNorm(1e-5, name="norm3", **kw)(x)
-        return x + FeedForward(self.dim, name="ff", **kw)(h)
+        x = x + FeedForward(self.dim, name="ff", **kw)(h)
+        return (x, amap) if self.cross_attn_map else x
 
 
 class Transformer2DModel(nn.Module):
-    """diffusers ``Transformer2DModel`` for continuous NHWC input (GroupNorm eps 1e-6, as PyTorch)."""
+    """diffusers ``Transformer2DModel`` for continuous NHWC input (GroupNorm eps 1e-6, as PyTorch).
+
+    ``cross_attn_maps``: return ``(out, maps)``, one (B, H, W, S) cross-attention map per transformer block.
+    """
 
     in_channels: int
     heads: int
@@ -219,6 +240,7 @@ class Transformer2DModel(nn.Module):
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cross_attn_maps: bool = False
 
     @nn.compact
     def __call__(self, x, context):
@@ -231,14 +253,21 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
             h = nn.Conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
+        maps = []
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
-                                      self.attention_impl, name=f"transformer_blocks_{i}", **kw)(h, context)
+                                      self.attention_impl, cross_attn_map=self.cross_attn_maps,
+                                      name=f"transformer_blocks_{i}", **kw)(h, context)
+            if self.cross_attn_maps:
+                h, amap = h
+                # (B, h*w, S), queries in row-major pixel order -> (B, h, w, S): the official
+                # rearrange(attn, 'b (h w) c -> b c h w') in NHWC.
+                maps.append(amap.reshape(b, hgt, wid, amap.shape[-1]))
         if self.use_linear_projection:
             h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
         else:
             h = nn.Conv(c, (1, 1), padding="VALID", name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
-        return h + residual
+        return (h + residual, tuple(maps)) if self.cross_attn_maps else h + residual
 
 
 class Upsample2D(nn.Module):
@@ -279,22 +308,26 @@ class DownBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, attn_maps: bool = False):
+        """``(x, states)``; with ``attn_maps``, ``(x, states, maps)``: every cross-attention map, in order."""
         o, kw = self.opts, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res_cls = _remat(ResnetBlock2D, o.remat, o.remat_policy)
         attn_cls = _remat(Transformer2DModel, o.remat, o.remat_policy)
-        states = []
+        states, maps = [], []
         for i in range(self.num_layers):
             x = res_cls(self.out_channels, o.groups, o.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.heads:
                 x = attn_cls(self.out_channels, self.heads, self.out_channels // self.heads, self.depth, o.groups,
                              o.use_linear_projection, self.only_cross_attention, o.attention_impl,
-                             name=f"attentions_{i}", **kw)(x, context)
+                             cross_attn_maps=attn_maps, name=f"attentions_{i}", **kw)(x, context)
+                if attn_maps:
+                    x, m = x
+                    maps.extend(m)
             states.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
             states.append(x)
-        return x, states
+        return (x, states, maps) if attn_maps else (x, states)
 
 
 class UpBlock(nn.Module):
@@ -311,22 +344,26 @@ class UpBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips, temb, context, upsample_size):
+    def __call__(self, x, skips, temb, context, upsample_size, attn_maps: bool = False):
+        """``(x, layer_outputs)``; with ``attn_maps``, ``(x, layer_outputs, maps)`` (cross-attention maps)."""
         o, kw = self.opts, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res_cls = _remat(ResnetBlock2D, o.remat, o.remat_policy)
         attn_cls = _remat(Transformer2DModel, o.remat, o.remat_policy)
-        layer_outputs = []
+        layer_outputs, maps = [], []
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = res_cls(self.out_channels, o.groups, o.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.heads:
                 x = attn_cls(self.out_channels, self.heads, self.out_channels // self.heads, self.depth, o.groups,
                              o.use_linear_projection, self.only_cross_attention, o.attention_impl,
-                             name=f"attentions_{i}", **kw)(x, context)
+                             cross_attn_maps=attn_maps, name=f"attentions_{i}", **kw)(x, context)
+                if attn_maps:
+                    x, m = x
+                    maps.extend(m)
             layer_outputs.append(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, upsample_size)
-        return x, layer_outputs
+        return (x, layer_outputs, maps) if attn_maps else (x, layer_outputs)
 
 
 class MidBlock(nn.Module):
@@ -400,7 +437,9 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, **kw)
         self.conv_out = nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
 
-    def _run(self, sample, timesteps, encoder_hidden_states):
+    def _run(self, sample, timesteps, encoder_hidden_states, map_levels: tuple[int, ...] = ()):
+        """``(x, features, maps)``: ``maps`` has one entry per level, the cross-attention maps of the levels in
+        ``map_levels`` aggregated by ``_aggregate_maps`` (None at the others); empty when none is asked for."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet: expected NHWC latents with {cfg.in_channels} channels, got {sample.shape}")
@@ -413,8 +452,13 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states.astype(self.dtype)
         x = self.conv_in(sample.astype(self.dtype))
         skips = [x]
-        for block in self.down_blocks:
-            x, states = block(x, temb, context)
+        n = len(self.down_blocks)
+        down_maps, up_maps = {}, {}
+        for level, block in enumerate(self.down_blocks):
+            if level in map_levels:
+                x, states, down_maps[level] = block(x, temb, context, attn_maps=True)
+            else:
+                x, states = block(x, temb, context)
             skips.extend(states)
         if self.mid_block is not None:
             x = self.mid_block(x, temb, context)
@@ -423,20 +467,84 @@ class UNet2DConditionModel(nn.Module):
             n_layers = block.num_layers
             block_skips, skips = skips[-n_layers:], skips[:-n_layers]
             up_size = skips[-1].shape[1:3] if skips else None
-            x, layer_outputs = block(x, block_skips, temb, context, up_size)
+            if n - 1 - i in map_levels:  # up block i works at level n - 1 - i
+                x, layer_outputs, up_maps[n - 1 - i] = block(x, block_skips, temb, context, up_size, attn_maps=True)
+            else:
+                x, layer_outputs = block(x, block_skips, temb, context, up_size)
             # VPD taps ldm output_blocks[1], [4], [7] (second layer of each non-final up block) and [11].
             features.append(layer_outputs[min(1, n_layers - 1)] if block.add_upsample else x)
-        return x, features
+        maps = _aggregate_maps(n, map_levels, down_maps, up_maps) if map_levels else ()
+        return x, features, maps
 
     def __call__(self, sample, timesteps, encoder_hidden_states):
-        x, _ = self._run(sample, timesteps, encoder_hidden_states)
+        x, _, _ = self._run(sample, timesteps, encoder_hidden_states)
         x = nn.silu(self.conv_norm_out(x))
         return self.conv_out(x)
 
-    def features(self, sample, timesteps, encoder_hidden_states):
-        """VPD's maps ``(o11, o7, o4, o1)``: 1/8, 1/16, 1/32 and 1/64 of the image for SD 1.5."""
-        _, feats = self._run(sample, timesteps, encoder_hidden_states)
-        return tuple(feats[::-1])
+    def features(self, sample, timesteps, encoder_hidden_states, attn_maps: bool = False):
+        """VPD's maps ``(o11, o7, o4, o1)``: 1/8, 1/16, 1/32 and 1/64 of the image for SD 1.5.
+
+        ``attn_maps=True`` returns ``(features, maps)``: ``maps`` is aligned with ``features`` (one entry per
+        level, latent grid first) and holds, at the levels in ``ATTENTION_MAP_LEVELS`` (the latent/2 and latent/4
+        grids), the cross-attention maps between pixels and context tokens that VPD's segmentation uses, each
+        (B, h, w, tokens) float32 without gradient, and None at the other levels (``_aggregate_maps``;
+        docs/backbone.md). ``concat_attention_maps(features, maps)`` gives the official feature taps. The
+        features are the same values as without the maps: the recording layers compute their output as before.
+        """
+        if not attn_maps:
+            _, feats, _ = self._run(sample, timesteps, encoder_hidden_states)
+            return tuple(feats[::-1])
+        _, feats, maps = self._run(sample, timesteps, encoder_hidden_states, ATTENTION_MAP_LEVELS)
+        return tuple(feats[::-1]), maps
+
+
+# The UNet levels (0: the latent grid) whose cross-attention maps VPD's segmentation uses.
+ATTENTION_MAP_LEVELS = (1, 2)
+
+
+def _aggregate_maps(n_levels: int, map_levels, down_maps, up_maps) -> tuple:
+    """Per level, the mean of its up-block then down-block cross-attention maps (None at the other levels).
+
+    wl-zhao/VPD ``vpd/models.py`` (``AttentionStore``, ``UNetWrapper.process_attn``, ``attn_selector=
+    'up_cross+down_cross'``): every ``attn2`` map of the down and up blocks (not the mid block, not
+    self-attention), averaged over heads, is filed by its grid, and the maps of each grid are averaged with
+    ``torch.stack(maps).mean(0)``, the up maps listed before the down maps. The official store keeps maps of at
+    most (base_size / 16)^2 queries and files them under grids fixed by ``base_size=512``, so it runs only on
+    512x512 images, where it keeps exactly the 32x32 and 16x16 grids: levels 1 and 2. Here the levels are chosen
+    by index, so any input size works and a 512x512 image gets the official maps.
+    """
+    maps = []
+    for level in range(n_levels):
+        if level not in map_levels:
+            maps.append(None)
+            continue
+        found = up_maps.get(level, []) + down_maps.get(level, [])
+        if not found:
+            raise ValueError(f"UNet: attention maps of level {level} were asked for, but its blocks have no "
+                             "cross-attention")
+        maps.append(jnp.mean(jnp.stack(found), axis=0))
+    return tuple(maps)
+
+
+def concat_attention_maps(features: Sequence[jax.Array], maps: Sequence[jax.Array | None]) -> tuple:
+    """VPD's segmentation inputs: each feature map with its level's cross-attention map appended on the channel
+    axis (in the feature dtype), as ``UNetWrapper.forward`` of wl-zhao/VPD ``vpd/models.py`` does (``out_list[1]``
+    and ``out_list[2]``, the 1/32 and 1/16 maps); levels without a map pass through unchanged. For SD 1.5 and
+    150 classes the channels become (320, 640 + 150, 1280 + 150, 1280).
+
+    ``features``, ``maps``: as ``UNet2DConditionModel.features(..., attn_maps=True)`` returns them.
+    """
+    if len(features) != len(maps):
+        raise ValueError(f"concat_attention_maps: {len(features)} feature maps but {len(maps)} map entries")
+    out = []
+    for f, m in zip(features, maps):
+        if m is None:
+            out.append(f)
+            continue
+        if m.shape[:3] != f.shape[:3]:
+            raise ValueError(f"concat_attention_maps: a map of shape {m.shape} for features of shape {f.shape}")
+        out.append(jnp.concatenate([f, m.astype(f.dtype)], axis=-1))
+    return tuple(out)
 
 
 class _TimestepEmbedding(nn.Module):
