@@ -11,7 +11,8 @@ What it must stay compatible with:
   skip connection it meets, so 60x60 or 37x53 latents work.
 * **Layout**: NHWC in and out. ``apply(v, sample, t, ctx)`` equals diffusers' ``.sample``;
   ``apply(v, sample, t, ctx, method="features")`` returns VPD's four maps ``(o11, o7, o4, o1)`` and does not
-  compute the output head.
+  compute the output head; with ``attn_maps=True`` it also returns the cross-attention maps of VPD's
+  segmentation (``concat_attention_maps`` puts them on the taps; docs/backbone.md).
 
 ``attention_head_dim`` keeps diffusers' legacy meaning for this family: it is the number of heads per block
 (8 for SD 1.x, ``[5, 10, 20, 20]`` for SD 2.x); a block's head size is its channels divided by that.
