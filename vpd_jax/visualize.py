@@ -380,3 +380,62 @@ def read_glb_points(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     pos = np.frombuffer(blob, "<f4", n * 3, views[0]["byteOffset"]).reshape(n, 3)
     rgba = np.frombuffer(blob, np.uint8, n * 4, views[1]["byteOffset"]).reshape(n, 4)
     return pos, rgba
+
+
+# ------------------------------------------------------------------------------------------- class maps
+IGNORE_COLOR = (0, 0, 0)  # the ignore index (255) in palette pictures
+
+
+def class_palette(num_classes: int, seed: int = 3) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, distinct and fixed for a class count: hues spread by the golden ratio,
+    saturation and value varied so that neighbours in the class order differ."""
+    i = np.arange(num_classes)
+    hue = (i * 0.6180339887 + seed * 0.1) % 1.0
+    sat = 0.55 + 0.4 * ((i * 7) % 5) / 4
+    val = 0.6 + 0.4 * ((i * 3) % 4) / 3
+    k = (hue[:, None] * 6 + np.array([5, 3, 1])) % 6
+    rgb = val[:, None] - val[:, None] * sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def save_label_png(path: str | os.PathLike, labels) -> pathlib.Path:
+    """The raw class map as an 8-bit single-channel PNG (class ids; 255 = ignore), atomically."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError(f"class map of shape {labels.shape} with values {labels.min()}..{labels.max()}: expected "
+                         "(H, W) ids in 0..255")
+    return save_png(path, labels.astype(np.uint8))
+
+
+def save_palette_png(path: str | os.PathLike, labels, palette: np.ndarray) -> pathlib.Path:
+    """The class map as a palette ("P" mode) PNG: pixel values are the class ids, shown in ``palette``'s colours
+    (ignored pixels black), atomically."""
+    from PIL import Image
+
+    labels = np.asarray(labels).astype(np.uint8)
+    full = np.zeros((256, 3), np.uint8)
+    full[:len(palette)] = palette[:256]
+    full[255] = IGNORE_COLOR
+    im = Image.fromarray(labels, mode="P")
+    im.putpalette(full.reshape(-1).tolist())
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+    return path
+
+
+def colorize_labels(labels, palette: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 picture of a class map (ignored and out-of-palette ids black)."""
+    labels = np.asarray(labels).astype(np.int64)
+    out = np.zeros((*labels.shape, 3), np.uint8)
+    ok = (labels >= 0) & (labels < len(palette))
+    out[ok] = palette[labels[ok]]
+    return out
+
+
+def overlay_labels(image, labels, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with its class map blended on top (``alpha`` of the class colour), uint8 (H, W, 3)."""
+    rgb = _as_rgb_uint8(image).astype(np.float32)
+    colors = colorize_labels(labels, palette).astype(np.float32)
+    return np.clip(np.round((1 - alpha) * rgb + alpha * colors), 0, 255).astype(np.uint8)
