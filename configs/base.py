@@ -11,6 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = "depth"  # "depth" (VPDDepth) or "segmentation" (VPDSeg; configs/ade20k_512.py)
     c.seed = 0  # seeds the random init, the data order/augmentation and the step rng
     c.data_dir = "data"  # where `python -m vpd_jax.data.prepare` wrote the datasets
     c.dataset = "nyu_vpd/bts"  # prepared dataset name (nyu_vpd/bts, nyu_vpd/mmseg, nyu_vpd/synthetic, ...)
@@ -28,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.size = "sd15"  # "sd15" (SD-1.5 UNet+VAE), "tiny" (VPDConfig.tiny) or "micro" (the demo's toy)
     c.model.max_depth = 10.0  # metres; depth = sigmoid * max_depth
     c.model.num_classes = 0  # scene classes (table rows less the mean row); 0: the class table's list, else NYU's 27
+    c.model.dropout_ratio = 0.1  # segmentation: FPNHead dropout
     c.model.head_init = "official"  # depth-head init: "official" N(0, 0.001) or "mmseg" TruncNormal(0.02)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for speed; the references are fp32)
     c.model.param_dtype = "float32"  # parameter storage dtype
@@ -54,21 +56,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.total_steps = 25225  # updates (official: 25 epochs x 1009)
     c.train.loss = "official"  # SiLog pooling: "official" (over a group) or "mmseg" (per image, then mean)
     c.train.silog_lambda = 0.5  # SiLog variance weight
+    c.train.avg_non_ignore = False  # segmentation: cross-entropy mean over non-ignored pixels (mmseg default: all)
     c.train.bn_reduce = "mean"  # how groups' new BN running stats combine: "mean" or "first" (DDP rank 0)
     c.train.state_layout = "default"  # train state's device layouts: "default" (row-major) or "auto" (XLA picks; GPUs)
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.schedule = "official"  # "official" (two-phase poly), "mmseg" (linear warm-up + poly) or "constant"
+    c.optimizer.schedule = "official"  # "official" (two-phase poly), "mmseg" (warm-up + poly), "mmcv_poly", "constant"
     c.optimizer.max_lr = 5e-4  # peak (official) / base (mmseg) / constant learning rate
-    c.optimizer.min_lr = 3e-5  # floor of the official schedule
+    c.optimizer.min_lr = 3e-5  # floor of the official and mmcv_poly schedules
     c.optimizer.eta_min_ratio = 0.03  # mmseg schedule: floor / base lr (PolyLRRatio), so the floor follows max_lr
     c.optimizer.iters_per_epoch = 1009  # official schedule: updates per epoch
     c.optimizer.epochs = 25  # official schedule: epochs (warm-up is epochs // 2 of them)
     c.optimizer.warmup_steps = 12000  # mmseg schedule: end of the linear warm-up
     c.optimizer.decay_steps = 24000  # mmseg schedule: end of the poly decay
     c.optimizer.warmup_start_factor = 0.03  # mmseg schedule: first lr / base lr
+    c.optimizer.warmup_ratio = 1e-6  # mmcv_poly schedule: first lr / regular lr
+    c.optimizer.power = 1.0  # mmcv_poly schedule: poly power (to min_lr at train.total_steps)
     c.optimizer.weight_decay = 0.1  # AdamW decoupled weight decay
-    c.optimizer.no_decay = "official"  # decay exemption: "official" (1-D + biases), "mmseg" (biases), "none"
+    c.optimizer.no_decay = "official"  # decay exemption: "official" (1-D + biases), "mmseg" (biases), "norms", "none"
     c.optimizer.unet_lr_mult = 0.01  # learning-rate multiplier of the UNet (both references 0.01)
     c.optimizer.b1 = 0.9  # Adam beta1
     c.optimizer.b2 = 0.999  # Adam beta2
@@ -89,6 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.min_depth = 1e-3  # ground truth counted in (min_depth, max_depth) metres
     c.eval.max_depth = 10.0
     c.eval.num_pictures = 3  # test images drawn as image | GT | prediction at each evaluation
+    c.eval.seg_scale = (2048, 512)  # segmentation: test resize (long, short edge; keep ratio), () for none
+    c.eval.seg_crop = (512, 512)  # segmentation: sliding-window size
+    c.eval.seg_stride = (341, 341)  # segmentation: sliding-window stride
+    c.eval.seg_scales = (1.0,)  # segmentation: scale ratios averaged (0.5, 0.75, 1.0, 1.25, 1.5, 1.75: multi-scale)
+    c.eval.seg_flip = False  # segmentation: also average the flipped image's probabilities
     c.eval.max_images = 0  # evaluate only the first N test images (0 = all)
 
     c.checkpoint = ml_collections.ConfigDict()

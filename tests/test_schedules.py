@@ -104,3 +104,21 @@ def test_make_schedule():
     assert float(S.make_schedule("constant", value=0.1)(5)) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         S.make_schedule("cosine")
+
+
+def _mmcv_poly_ref(i, base=8e-5, total=80000, power=1.0, min_lr=0.0, warmup=1500, ratio=1e-6):
+    # mmcv/runner/hooks/lr_updater.py, transcribed: PolyLrUpdaterHook.get_lr, then get_warmup_lr('linear') of the
+    # regular rate while cur_iter < warmup_iters.
+    regular = (base - min_lr) * (1 - i / total) ** power + min_lr
+    if i >= warmup:
+        return regular
+    k = (1 - i / warmup) * (1 - ratio)
+    return regular * (1 - k)
+
+
+def test_mmcv_poly_with_linear_warmup():
+    counts = [0, 1, 749, 1499, 1500, 1501, 40000, 79998, 79999]
+    got = _evaluate(S.mmcv_poly_schedule(), counts)
+    np.testing.assert_allclose(got, [_mmcv_poly_ref(c) for c in counts], rtol=2e-5, atol=1e-14)
+    assert got[0] == pytest.approx(8e-5 * 1e-6, rel=1e-3)
+    assert got[counts.index(1500)] == pytest.approx(8e-5 * (1 - 1500 / 80000), rel=1e-5)

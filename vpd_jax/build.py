@@ -29,8 +29,14 @@ from vpd_jax.data.loader import (
     make_train_loader,
     open_source,
 )
+from vpd_jax.data.seg_augment import SegAugmentConfig
+from vpd_jax.data.seg_loader import make_seg_eval_loader, make_seg_train_loader
+from vpd_jax.data.segmentation import NUM_CLASSES as ADE20K_NUM_CLASSES
 from vpd_jax.errors import ConfigError
+from vpd_jax.models.seg_head import cross_entropy_loss
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables, with_unknown_row
+from vpd_jax.models.vpd_seg import VPDSeg, VPDSegConfig
+from vpd_jax.models.vpd_seg import abstract_variables as seg_abstract_variables
 from vpd_jax.training import initialize
 from vpd_jax.training import step as S
 from vpd_jax.training.losses import silog_loss
@@ -41,6 +47,21 @@ from vpd_jax.weights.common import load_class_table
 from vpd_jax.weights.loader import load_model
 
 log = logging.getLogger("vpd_jax.train")
+
+TASKS = ("depth", "segmentation")
+
+
+def task(cfg) -> str:
+    """``cfg.task``: "depth" (``VPDDepth``, the default) or "segmentation" (``VPDSeg``)."""
+    t = cfg.get("task", "depth")
+    if t not in TASKS:
+        raise ConfigError(f"task {t!r} is not one of {TASKS}")
+    return t
+
+
+def is_segmentation(cfg) -> bool:
+    return task(cfg) == "segmentation"
+
 
 def class_names(cfg) -> list[str] | None:
     """The row names of ``cfg.class_embeddings`` (its ``.classes.json``, as ``class_embeddings`` writes it); None
@@ -54,19 +75,25 @@ def class_names(cfg) -> list[str] | None:
 
 
 def num_classes(cfg) -> int:
-    """``model.num_classes``, or (0) the length of the class table's class list, else NYU's 27."""
+    """``model.num_classes``, or (0) the length of the class table's class list, else NYU's 27 scene classes
+    (depth) or ADE20K's 150 (segmentation)."""
     n = int(cfg.model.get("num_classes", 0) or 0)
     names = class_names(cfg)
     if n and names and n != len(names):
         raise ConfigError(f"model.num_classes={n}: the class table {cfg.class_embeddings} lists {len(names)} "
                           "classes; leave model.num_classes at 0 to take the table's")
-    return n or (len(names) if names else scenes.NUM_CLASSES)
+    default = ADE20K_NUM_CLASSES if is_segmentation(cfg) else scenes.NUM_CLASSES
+    return n or (len(names) if names else default)
 
 
 def model_config(cfg):
-    """The ``VPDConfig`` of ``cfg.model`` (its class count resolved by :func:`num_classes`)."""
+    """The ``VPDConfig`` (depth) or ``VPDSegConfig`` (segmentation) of ``cfg.model``, its class count resolved by
+    :func:`num_classes`."""
+    m = cfg.model
     try:
-        return VPDConfig.from_training({**cfg.model.to_dict(), "num_classes": num_classes(cfg)})
+        if is_segmentation(cfg):
+            return VPDSegConfig.from_training(m, num_classes(cfg))
+        return VPDConfig.from_training({**m.to_dict(), "num_classes": num_classes(cfg)})
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -144,9 +171,14 @@ def build_schedule(cfg):
     if o.schedule == "mmseg":
         return make_schedule("mmseg", base_lr=o.max_lr, warmup_start_factor=o.warmup_start_factor,
                              warmup_end=o.warmup_steps, decay_end=o.decay_steps, eta_min_ratio=o.eta_min_ratio)
+    if o.schedule == "mmcv_poly":
+        return make_schedule("mmcv_poly", base_lr=o.max_lr, total_steps=cfg.train.total_steps,
+                             power=float(o.get("power", 1.0)), min_lr=float(o.min_lr), warmup_steps=o.warmup_steps,
+                             warmup_ratio=float(o.get("warmup_ratio", 1e-6)))
     if o.schedule == "constant":
         return make_schedule("constant", value=o.max_lr)
-    raise ConfigError(f"optimizer.schedule {o.schedule!r} is not one of 'official', 'mmseg', 'constant'")
+    raise ConfigError(f"optimizer.schedule {o.schedule!r} is not one of 'official', 'mmseg', 'mmcv_poly', "
+                      "'constant'")
 
 
 def build_optimizer(cfg):
@@ -157,7 +189,21 @@ def build_optimizer(cfg):
     return adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, rules=rules), schedule, rules
 
 
+def seg_augment_config(cfg) -> SegAugmentConfig:
+    presets = {"ade_512": SegAugmentConfig.ade_512, "none": SegAugmentConfig.none}
+    if cfg.aug.preset not in presets:
+        raise ConfigError(f"aug.preset {cfg.aug.preset!r} is not one of {sorted(presets)} (segmentation)")
+    aug = presets[cfg.aug.preset]()
+    crop = tuple(cfg.aug.crop_size) if cfg.aug.crop_size else None
+    kw = {"crop_size": crop}
+    if cfg.aug.get("resize_scale"):
+        kw["scale"] = tuple(cfg.aug.resize_scale)
+    return dataclasses.replace(aug, **kw)
+
+
 def augment_config(cfg):
+    if is_segmentation(cfg):
+        return seg_augment_config(cfg)
     presets = {"official_480": AugmentConfig.official_480, "mmseg_480": AugmentConfig.mmseg_480,
                "mmseg_512": AugmentConfig.mmseg_512, "none": AugmentConfig.none}
     if cfg.aug.preset not in presets:
@@ -177,6 +223,13 @@ def input_crop(cfg) -> str:
 
 def train_loader(cfg, process_index: int | None = None, process_count: int | None = None):
     """The training batch stream of ``cfg`` for this process (``jax.process_index()`` of ``process_count``)."""
+    if is_segmentation(cfg):
+        return make_seg_train_loader(
+            cfg.data_dir, dataset=cfg.dataset, split=cfg.train_split, global_batch_size=cfg.train.global_batch_size,
+            seed=cfg.seed, aug=seg_augment_config(cfg),
+            process_index=jax.process_index() if process_index is None else process_index,
+            process_count=jax.process_count() if process_count is None else process_count,
+            worker_count=cfg.worker_count)
     return make_train_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.train_split,
                              global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, aug=augment_config(cfg),
                              process_index=jax.process_index() if process_index is None else process_index,
@@ -192,7 +245,10 @@ def class_table(cfg, abstract_constants) -> dict:
     if not os.path.isfile(cfg.class_embeddings):
         raise ConfigError(f"class_embeddings: no such file {cfg.class_embeddings}")
     try:
-        table = with_unknown_row(load_class_table(cfg.class_embeddings), shape[0] - 1)
+        if is_segmentation(cfg):  # every class is a context token: no mean row
+            table = np.asarray(load_class_table(cfg.class_embeddings), np.float32)
+        else:
+            table = with_unknown_row(load_class_table(cfg.class_embeddings), shape[0] - 1)
     except (OSError, ValueError) as e:
         raise ConfigError(f"class_embeddings {cfg.class_embeddings}: {e}") from None
     if table.shape != tuple(shape):
@@ -219,6 +275,17 @@ def check_config(cfg, num_devices: int) -> None:
 
 
 def make_loss_fn(model, cfg, constants):
+    if is_segmentation(cfg):
+        avg_non_ignore = bool(cfg.train.get("avg_non_ignore", False))
+
+        def seg_loss_fn(params, batch_stats, batch, rng):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats, "constants": constants},
+                                          batch["image"], train=True, valid_hw=batch["image_hw"],
+                                          mutable=["batch_stats"], rngs={"dropout": rng})
+            loss = cross_entropy_loss(logits, batch["label"], avg_non_ignore=avg_non_ignore)
+            return loss, (updates["batch_stats"], {})
+
+        return seg_loss_fn
     kind, lambd = cfg.train.loss, float(cfg.train.silog_lambda)
 
     def loss_fn(params, batch_stats, batch, rng):
@@ -275,7 +342,11 @@ def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]
                           "Stable Diffusion weights")
     if cfg.init_from:
         # A PyTorch file is read into the run's architecture (group and head counts are not in its tensors).
-        loaded = load_model(cfg.init_from, config=model.config.replace(dtype="float32", remat=False))
+        loaded = load_model(cfg.init_from, config=None if is_segmentation(cfg) else
+                            model.config.replace(dtype="float32", remat=False))
+        if isinstance(loaded.model, VPDSeg) != is_segmentation(cfg):
+            kind = "segmentation" if isinstance(loaded.model, VPDSeg) else "depth"
+            raise ConfigError(f"init_from {cfg.init_from}: a {kind} model, but the config's task is {task(cfg)!r}")
         check_architecture(loaded.config, model.config, cfg)
         variables = {"params": loaded.variables["params"], "batch_stats": loaded.variables["batch_stats"]}
         notes = [f"weights, BatchNorm statistics and class table from {loaded.description}"]
@@ -288,12 +359,17 @@ def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]
     if not cfg.pretrained:
         missing.append("--config.pretrained (Stable Diffusion weights)")
     if not cfg.class_embeddings:
-        missing.append("--config.class_embeddings (the CLIP scene table)")
+        missing.append("--config.class_embeddings (the CLIP " + ("class" if is_segmentation(cfg) else "scene")
+                       + " table)")
     if missing and not cfg.allow_random_init:
         raise ConfigError(f"{' and '.join(missing)} not given, nor --config.init_from (a trained VPD); "
                           "--config.allow_random_init=True trains without them, for experiments only")
-    variables = initialize.random_variables(model, cfg.seed, cfg.model.init)
-    notes = [f"head, text adapter and gamma: random ({cfg.model.init} init, the references' distributions)"]
+    if is_segmentation(cfg):  # mmseg's initialisers live in the head's modules
+        variables = initialize.flax_init(model, cfg.seed)
+        notes = ["head, text adapter and gamma: random (module initialisers: mmseg's FPN/FPNHead, PyTorch Linear)"]
+    else:
+        variables = initialize.random_variables(model, cfg.seed, cfg.model.init)
+        notes = [f"head, text adapter and gamma: random ({cfg.model.init} init, the references' distributions)"]
     if cfg.pretrained:
         log.info("loading Stable Diffusion weights from %s", cfg.pretrained)
         variables = initialize.with_pretrained(variables, model, cfg.pretrained)
@@ -310,13 +386,23 @@ def initial_variables(cfg, model, abstract_vars) -> tuple[dict, dict, list[str]]
     return variables, class_table(cfg, abstract_vars["constants"]), notes
 
 
-def build_model(cfg) -> VPDDepth:
-    """The ``VPDDepth`` of ``cfg.model``."""
-    return VPDDepth(model_config(cfg))
+def build_model(cfg):
+    """The ``VPDDepth`` (or, for segmentation, ``VPDSeg``) of ``cfg.model``."""
+    config = model_config(cfg)
+    return VPDSeg(config) if is_segmentation(cfg) else VPDDepth(config)
+
+
+def model_abstract_variables(model) -> dict:
+    """Shapes and dtypes of a ``VPDDepth``'s or ``VPDSeg``'s variables."""
+    return seg_abstract_variables(model) if isinstance(model, VPDSeg) else abstract_variables(model)
 
 
 def eval_loader(cfg, batch_size: int | None = None):
     """The test-split batches of ``cfg`` for this process."""
+    if is_segmentation(cfg):
+        return make_seg_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split, batch_size=1,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    scale=tuple(cfg.eval.seg_scale) if cfg.eval.get("seg_scale") else None)
     return make_eval_loader(cfg.data_dir, dataset=cfg.dataset, split=cfg.test_split,
                             batch_size=int(batch_size or cfg.eval.batch_size), process_index=jax.process_index(),
                             process_count=jax.process_count(), class_rule=class_rule(cfg),
@@ -340,7 +426,7 @@ def train_setup(cfg, mesh) -> TrainSetup:
     """The model, optimizer and abstract (sharded) train state of ``cfg`` on ``mesh``; nothing allocated."""
     model = build_model(cfg)
     tx, schedule, rules = build_optimizer(cfg)
-    abstract_vars = abstract_variables(model)
+    abstract_vars = model_abstract_variables(model)
     abstract_state, shardings = abstract_train_state(abstract_vars, tx, mesh)
     return TrainSetup(model, tx, schedule, rules, abstract_vars, abstract_state, shardings)
 
@@ -449,6 +535,8 @@ def check_crop_fits(cfg, image_shape: tuple[int, ...]) -> None:
     """A training crop larger than the dataset's images would only pad them (the mmseg 512 recipe's random resize
     is the one case where that is meant)."""
     crop = tuple(cfg.aug.crop_size or ())
+    if is_segmentation(cfg):
+        return  # mmseg's recipe resizes first and pads smaller crops with the ignore label
     if crop and not augment_config(cfg).random_resize and (crop[0] > image_shape[0] or crop[1] > image_shape[1]):
         raise ConfigError(f"aug.crop_size={crop}: larger than the {cfg.dataset} images "
                           f"({image_shape[0]}x{image_shape[1]}); expected at most their size")

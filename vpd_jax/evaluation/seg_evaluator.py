@@ -193,3 +193,20 @@ def _save_label_png(folder: str, file_name: str, pred: np.ndarray) -> None:
 def format_summary(metrics: dict, names: Sequence[str] = ("aAcc", "mIoU", "mAcc")) -> str:
     """One console line of the summary metrics in percent."""
     return "  ".join(f"{n} {100 * metrics[n]:.2f}" for n in names)
+
+
+def picture_grid(pictures: list[dict], num_classes: int) -> np.ndarray:
+    """Rows of image | ground truth | prediction (class colours; ignored pixels black), uint8 RGB, each row at its
+    image's width (pictures padded to the widest)."""
+    from vpd_jax import visualize
+
+    palette = visualize.class_palette(num_classes)
+    rows = []
+    for p in pictures:
+        h, w = p["label"].shape
+        image = np.asarray(resize_bilinear(p["image"][None].astype(np.float32), (h, w)))[0]
+        rows.append(np.concatenate([np.clip(np.round(image), 0, 255).astype(np.uint8),
+                                    visualize.colorize_labels(p["label"], palette),
+                                    visualize.colorize_labels(p["pred"], palette)], axis=1))
+    width = max(r.shape[1] for r in rows)
+    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)

@@ -68,6 +68,21 @@ class VPDSegConfig:
     def pad_multiple(self) -> int:
         return self.vae.downsample_factor * 2 ** (len(self.unet.block_out_channels) - 1)
 
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def architecture_size(self) -> str | None:
+        """The preset name whose architecture this is (any class count), or None."""
+        for name in ("sd15", "tiny", "micro"):
+            if VPDSegConfig.preset(name, num_classes=self.num_classes).architecture() == self.architecture():
+                return name
+        return None
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         m = self.pad_multiple
         return -(-height // m) * m, -(-width // m) * m
@@ -100,6 +115,14 @@ class VPDSegConfig:
         return dataclasses.replace(self, **kw)
 
     @classmethod
+    def from_training(cls, model: Mapping[str, Any], num_classes: int) -> VPDSegConfig:
+        """The ``VPDSegConfig`` of a training config's ``model`` section (``configs/base.py``) and class count."""
+        return cls.preset(model["size"], num_classes=int(num_classes), dtype=model["dtype"],
+                          param_dtype=model["param_dtype"], remat=bool(model["remat"]),
+                          attention_impl=model.get("attention_impl") or None,
+                          dropout_ratio=float(model.get("dropout_ratio", 0.1)))
+
+    @classmethod
     def preset(cls, size: str, **kw) -> VPDSegConfig:
         """The backbone of ``VPDConfig.preset(size)`` ("sd15", "tiny", "micro") under the segmentation head;
         the small presets get a head as narrow as their necks. The micro UNet gets cross-attention in SD's three
@@ -128,7 +151,7 @@ class VPDSeg(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, valid_hw: jax.Array | None = None) -> jax.Array:
         c = self.config
-        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        dt, pdt = c.compute_dtype, c.params_dtype
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"VPDSeg: expected (B, H, W, 3) RGB images, got shape {images.shape}")
         b, h, w, _ = images.shape

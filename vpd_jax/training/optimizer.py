@@ -24,7 +24,10 @@ from collections.abc import Callable, Sequence
 import jax
 import optax
 
-NO_DECAY_RULES = ("official", "mmseg", "none")
+NO_DECAY_RULES = ("official", "mmseg", "norms", "none")
+# Normalisation layers by module name (UNet/VAE GroupNorms, the text encoder's LayerNorms, the heads' BatchNorms):
+# mmcv's ``paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)})`` matches "norm" in the parameter name.
+_NORM_MODULE = re.compile(r"(^|/)[^/]*(norm|bn)[^/]*/(scale|bias)$")
 FROZEN = "frozen"
 
 
@@ -67,6 +70,8 @@ def _leaf_label(path: str, leaf, rules: ParamRules) -> str:
         decay = not (len(leaf.shape) == 1 or name == "bias")
     elif rules.no_decay == "mmseg":
         decay = name != "bias"
+    elif rules.no_decay == "norms":
+        decay = not _NORM_MODULE.search(path)
     else:
         decay = True
     return _label(mult, decay)

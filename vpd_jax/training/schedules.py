@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-SCHEDULE_KINDS = ("official", "mmseg", "constant")
+SCHEDULE_KINDS = ("official", "mmseg", "mmcv_poly", "constant")
 
 
 def official_schedule(
@@ -85,12 +85,43 @@ def mmseg_schedule(
     return schedule
 
 
+def mmcv_poly_schedule(
+    base_lr: float = 8e-5,
+    total_steps: int = 80000,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_steps: int = 1500,
+    warmup_ratio: float = 1e-6,
+) -> optax.Schedule:
+    """mmcv 0.x ``PolyLrUpdaterHook`` with linear warm-up (``by_epoch=False``), the VPD segmentation schedule
+    (wl-zhao/VPD segmentation/configs/fpn_vpd_sd1-5_512x512_gpu8x2.py; mmcv/runner/hooks/lr_updater.py).
+
+    Iteration ``i = count`` (mmcv sets the rate before iteration ``i``, 0-based): ``poly(i) = (base - min) *
+    (1 - i / total)**power + min``; while ``i < warmup_steps`` the warm-up scales that *regular* rate by
+    ``1 - (1 - i / warmup_steps) * (1 - warmup_ratio)``.
+    """
+
+    def schedule(count):
+        i = jnp.asarray(count, jnp.float32)
+        coeff = jnp.clip((total_steps - i) / total_steps, 0.0, 1.0) ** power
+        regular = (base_lr - min_lr) * coeff + min_lr
+        if warmup_steps <= 0:
+            return regular
+        # 1 - (1 - i/W)(1 - r) rearranged: float32 would round 1 - (1 - 1e-6) to 1.19e-6 at i = 0.
+        factor = warmup_ratio + (1.0 - warmup_ratio) * (i / warmup_steps)
+        return jnp.where(i < warmup_steps, regular * factor, regular)
+
+    return schedule
+
+
 def make_schedule(kind: str, **kwargs) -> optax.Schedule:
-    """A schedule by name: ``official``, ``mmseg`` or ``constant`` (``value=``)."""
+    """A schedule by name: ``official``, ``mmseg``, ``mmcv_poly`` or ``constant`` (``value=``)."""
     if kind == "official":
         return official_schedule(**kwargs)
     if kind == "mmseg":
         return mmseg_schedule(**kwargs)
+    if kind == "mmcv_poly":
+        return mmcv_poly_schedule(**kwargs)
     if kind == "constant":
         return optax.constant_schedule(kwargs.pop("value"))
     raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")

@@ -24,13 +24,17 @@ import jax
 import numpy as np
 
 from vpd_jax import build, files, parallel
+from vpd_jax.data.segmentation import ADE20K_CLASSES
 from vpd_jax.errors import CheckpointError, ConfigError, NonFiniteError
-from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, picture_grid, save_picture
+from vpd_jax.evaluation.evaluator import EvalSettings, Evaluator, format_table, picture_grid
+from vpd_jax.evaluation.seg_evaluator import SegEvalSettings, SegEvaluator, format_summary
+from vpd_jax.evaluation.seg_evaluator import picture_grid as seg_picture_grid
 from vpd_jax.scenes import NYU_CLASSES
 from vpd_jax.training import checkpoint as C
 from vpd_jax.training import step as S
 from vpd_jax.training.logging import MetricWriter, Throughput, fmt_duration, step_line
 from vpd_jax.training.optimizer import learning_rates
+from vpd_jax.visualize import save_png
 from vpd_jax.weights.loader import CLASSES_FILE, failure_cause
 
 log = logging.getLogger("vpd_jax.train")
@@ -60,7 +64,10 @@ def train(cfg, workdir: str) -> dict:
     total = int(cfg.train.total_steps)
     setup = build.train_setup(cfg, mesh)  # model, optimizer, shapes and shardings: nothing allocated
     model, schedule, rules, abstract_vars = setup.model, setup.schedule, setup.rules, setup.abstract_vars
-    settings = EvalSettings.from_config(cfg.eval)  # validates eval fields before any long work
+    seg = build.is_segmentation(cfg)
+    # validates eval fields before any long work
+    settings = SegEvalSettings.from_config(cfg.eval) if seg else EvalSettings.from_config(cfg.eval)
+    best_name, higher = ("mIoU", True) if seg else ("rmse", False)
 
     # Data first: a missing dataset fails in one line before any compilation.
     loader = build.train_loader(cfg)
@@ -69,7 +76,7 @@ def train(cfg, workdir: str) -> dict:
 
     # Restore or allocate into the shardings. Nothing is written to the workdir before this succeeds.
     abstract_state = setup.abstract_state
-    best_rmse = math.inf
+    best_value = -math.inf if higher else math.inf
     t0 = time.perf_counter()
     restored = C.restore_newest_intact(workdir, abstract_state, abstract_vars["constants"], say=say)
     start = restored[0] if restored else None
@@ -79,8 +86,8 @@ def train(cfg, workdir: str) -> dict:
         if data_state is not None:
             loader.set_state(_for_this_process(data_state))
         best = C.best_meta(workdir)
-        if best and "rmse" in best.get("metrics", {}):
-            best_rmse = float(best["metrics"]["rmse"])
+        if best and best_name in best.get("metrics", {}):
+            best_value = float(best["metrics"][best_name])
         say(f"resumed from {workdir}/{C.CHECKPOINTS}/{start} in {time.perf_counter() - t0:.1f}s"
             + (f" (init_from {cfg.init_from} only seeds a new run; ignored)" if cfg.init_from else ""))
     else:
@@ -95,10 +102,14 @@ def train(cfg, workdir: str) -> dict:
         os.makedirs(workdir, exist_ok=True)
         cfg.model.num_classes = model.config.num_classes  # resolved, so the workdir's config rebuilds this model
         files.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
-        rule = build.class_rule(cfg)
-        files.write_json(os.path.join(workdir, CLASSES_FILE), {
-            "classes": build.class_names(cfg) or list(NYU_CLASSES), "class_rule": rule.rule,
-            "scene_rows": dict(rule.rows), "scene_default": rule.default})
+        if seg:
+            files.write_json(os.path.join(workdir, CLASSES_FILE),
+                             {"classes": build.class_names(cfg) or list(ADE20K_CLASSES)})
+        else:
+            rule = build.class_rule(cfg)
+            files.write_json(os.path.join(workdir, CLASSES_FILE), {
+                "classes": build.class_names(cfg) or list(NYU_CLASSES), "class_rule": rule.rule,
+                "scene_rows": dict(rule.rows), "scene_default": rule.default})
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     ckpt = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 
@@ -113,7 +124,7 @@ def train(cfg, workdir: str) -> dict:
                    + (f" ({flops / 1e12:.3f} TFLOP per step)" if flops else ""))
     writer.scalars(int(jax.device_get(state.step)), {"compile_seconds": compile_s}, kind="compile")
 
-    evaluator = Evaluator(model, settings, mesh)
+    evaluator = SegEvaluator(model, settings) if seg else Evaluator(model, settings, mesh)
     throughput = Throughput(cfg.train.global_batch_size, flops, mesh.size, cfg.peak_flops_per_device, total)
 
     stop = {"signal": None}
@@ -127,20 +138,24 @@ def train(cfg, workdir: str) -> dict:
         return {"params": st.params, "batch_stats": st.batch_stats, "constants": constants}
 
     def run_eval(st, step):
-        nonlocal best_rmse
+        nonlocal best_value
         res = evaluator.evaluate(variables_of(st), eval_loader, desc=f"eval@{step}")
         m = res["metrics"]
-        writer.console(f"eval at step {step} on {res['num_images']} images ({res['seconds']:.1f}s)\n"
-                       + format_table({f"step {step}": m}))
+        table = format_summary(m) if seg else format_table({f"step {step}": m})
+        writer.console(f"eval at step {step} on {res['num_images']} images ({res['seconds']:.1f}s)\n{table}")
         writer.scalars(step, m, prefix="test/", kind="eval")
         if is_main:
-            files.write_json(os.path.join(workdir, "eval", f"step_{step}.json"),
-                       {"step": step, "metrics": m, "num_images": res["num_images"]})
+            record = {"step": step, "metrics": m, "num_images": res["num_images"]}
+            if seg:
+                record["IoU"] = [None if math.isnan(v) else float(v) for v in res["IoU"]]
+            files.write_json(os.path.join(workdir, "eval", f"step_{step}.json"), record)
             if res["pictures"]:
-                save_picture(os.path.join(workdir, "pictures", f"step_{step}.png"), res["pictures"])
-                writer.image(step, "test/image_gt_prediction", picture_grid(res["pictures"]))
-        if m["rmse"] < best_rmse:
-            best_rmse = m["rmse"]
+                grid = (seg_picture_grid(res["pictures"], model.config.num_classes) if seg
+                        else picture_grid(res["pictures"]))
+                save_png(os.path.join(workdir, "pictures", f"step_{step}.png"), grid)
+                writer.image(step, "test/image_gt_prediction", grid)
+        if (m[best_name] > best_value) if higher else (m[best_name] < best_value):
+            best_value = m[best_name]
             saving(step, "the best weights", lambda: ckpt.save_best(
                 st, constants, {"step": step, "metrics": m, "config": cfg.to_dict()}))
         return m
@@ -209,9 +224,9 @@ def train(cfg, workdir: str) -> dict:
             signal.signal(signal.SIGTERM, old_handler)
         if hasattr(loader, "close"):
             loader.close()
-    evaluated = f"best test RMSE {best_rmse:.4f}" if math.isfinite(best_rmse) else "no evaluation yet"
+    evaluated = (f"best test {best_name} {best_value:.4f}" if math.isfinite(best_value) else "no evaluation yet")
     writer.console(f"{status}: {step}/{total} steps in {fmt_duration(time.perf_counter() - t0)}; {evaluated}")
-    return {"status": status, "step": step, "train": last_metrics, "best_rmse": best_rmse,
+    return {"status": status, "step": step, "train": last_metrics, f"best_{best_name.lower()}": best_value,
             "compile_seconds": compile_s, "flops_per_step": flops}
 
 

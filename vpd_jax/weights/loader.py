@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
+from vpd_jax.models.vpd_seg import VPDSeg, VPDSegConfig
+from vpd_jax.models.vpd_seg import abstract_variables as seg_abstract_variables
 from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES
 from vpd_jax.weights import vpd_checkpoint as vc
 from vpd_jax.weights.common import WeightsError, orbax
@@ -60,8 +62,12 @@ class LoadedModel:
     step: int | None = None
     class_names: list[str] | None = None  # the class table's row names (None: unknown)
 
+    @property
+    def task(self) -> str:
+        return "segmentation" if isinstance(self.model, VPDSeg) else "depth"
+
     def __post_init__(self):
-        if self.class_names is None and self.config.num_classes == NUM_CLASSES:
+        if self.class_names is None and self.task == "depth" and self.config.num_classes == NUM_CLASSES:
             self.class_names = list(NYU_CLASSES)  # the released models' table, in the official order
 
     @property
@@ -103,6 +109,14 @@ def workdir_config(workdir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise WeightsError(f"{path}: not a train.py config (no 'model' section)")
     return cfg
+
+
+def workdir_model_config(cfg: Mapping[str, Any]):
+    """The ``VPDConfig`` (or ``VPDSegConfig``, task "segmentation") a workdir's training config describes; the
+    class count is the resolved one ``train.py`` writes there."""
+    if cfg.get("task", "depth") == "segmentation":
+        return VPDSegConfig.from_training(cfg["model"], int(cfg["model"].get("num_classes") or 150))
+    return VPDConfig.from_training(cfg["model"])
 
 
 def workdir_class_names(workdir: str | os.PathLike, num_classes: int) -> list[str] | None:
@@ -197,7 +211,8 @@ def restore_workdir_variables(workdir: str | os.PathLike, config: VPDConfig, whi
     if which not in WHICH:
         raise WeightsError(f"which={which!r} is not one of {WHICH}")
     wd = pathlib.Path(workdir)
-    abstract = abstract_variables(VPDDepth(config))
+    abstract = (seg_abstract_variables(VPDSeg(config)) if isinstance(config, VPDSegConfig)
+                else abstract_variables(VPDDepth(config)))
     if which == "best":
         root, item_name, keys = wd / BEST, "model", ("params", "batch_stats", "constants")
         steps = checkpoint_steps(root)
@@ -306,12 +321,13 @@ def load_model(source: str | os.PathLike, *, which: str | None = None, config: V
     if is_training_workdir(path):
         cfg = workdir_config(path)
         try:
-            config = VPDConfig.from_training(cfg["model"])
+            config = workdir_model_config(cfg)
         except (ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"{path / WORKDIR_CONFIG}: model section: {e}") from None
         which = which or ("best" if checkpoint_steps(path / BEST) else "latest")
         variables, step, notes = restore_workdir_variables(path, config, which)
-        return finish(LoadedModel(VPDDepth(config), variables, config, config_crop(cfg), cfg.get("class_rule"),
+        model = VPDSeg(config) if isinstance(config, VPDSegConfig) else VPDDepth(config)
+        return finish(LoadedModel(model, variables, config, config_crop(cfg), cfg.get("class_rule"),
                                   describe_restore(path, which, step, notes), "workdir", step,
                                   workdir_class_names(path, config.num_classes)))
     found = find_converted(path)
