@@ -47,7 +47,7 @@ def get_config():
     c.optimizer.warmup_ratio = 1e-6
     c.optimizer.weight_decay = 1e-3
     c.optimizer.unet_lr_mult = 0.1
-    c.optimizer.no_decay = "norms"
+    c.optimizer.no_decay = "mmcv_norm"  # transformer norms: no decay, full rate (mmcv key order)
     c.eval.every_steps = 8000
     c.eval.batch_size = 4  # windows per forward call
     c.eval.num_pictures = 3

@@ -121,3 +121,56 @@ def test_learning_rates_for_logging():
     assert float(lrs["lr"]) == 2.0 and float(lrs["lr_x0.01"]) == pytest.approx(0.02)
     with pytest.raises(ValueError):
         O.ParamRules(no_decay="sometimes")
+
+
+def test_segmentation_paramwise_rule_matches_mmengines_constructor():
+    """VPD segmentation's custom_keys (unet lr x0.1, encoder_vq lr x0, 'norm' decay x0) through mmengine's own
+    DefaultOptimWrapperConstructor (mmcv 0.x's rule, keys tried longest first and the first match only), on modules
+    named as in the official checkpoint, against our labels of the same parameters."""
+    torch = pytest.importorskip("torch")
+    mmengine_optim = pytest.importorskip("mmengine.optim")
+    nn = torch.nn
+    # official CompVis/mmseg module name -> (module, our Flax path of its weight)
+    named = {
+        "unet.unet.diffusion_model.input_blocks.1.0.in_layers.0": (
+            nn.GroupNorm(2, 4), "unet/down_blocks_0/resnets_0/norm1/scale"),
+        "unet.unet.diffusion_model.input_blocks.1.0.in_layers.2": (
+            nn.Conv2d(4, 4, 3), "unet/down_blocks_0/resnets_0/conv1/kernel"),
+        "unet.unet.diffusion_model.input_blocks.1.1.norm": (
+            nn.GroupNorm(2, 4), "unet/down_blocks_0/attentions_0/norm/scale"),
+        "unet.unet.diffusion_model.input_blocks.1.1.transformer_blocks.0.norm2": (
+            nn.LayerNorm(4), "unet/down_blocks_0/attentions_0/transformer_blocks_0/norm2/scale"),
+        "unet.unet.diffusion_model.middle_block.1.transformer_blocks.0.norm3": (
+            nn.LayerNorm(4), "unet/mid_block/attentions_0/transformer_blocks_0/norm3/scale"),
+        "unet.unet.diffusion_model.input_blocks.1.1.proj_in": (
+            nn.Conv2d(4, 4, 1), "unet/down_blocks_0/attentions_0/proj_in/kernel"),
+        "text_adapter.fc.0": (nn.Linear(4, 4), "text_adapter/fc1/kernel"),
+        "decode_head.scale_heads.0.0.bn": (nn.BatchNorm2d(4), "head/decode_head/scale_heads_0_0/bn/scale"),
+        "decode_head.conv_seg": (nn.Conv2d(4, 3, 1), "head/decode_head/conv_seg/kernel"),
+        "neck.lateral_convs.0.conv": (nn.Conv2d(4, 4, 1), "head/neck/lateral_convs_0/kernel"),
+    }
+    root = nn.Module()
+    for dotted, (module, _) in named.items():
+        parent = root
+        *path, last = dotted.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(last, module)
+    base_lr, base_wd = 8e-5, 1e-3
+    ctor = mmengine_optim.DefaultOptimWrapperConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=base_lr, weight_decay=base_wd)),
+        dict(custom_keys={"unet": dict(lr_mult=0.1), "encoder_vq": dict(lr_mult=0.0),
+                          "text_encoder": dict(lr_mult=0.0), "norm": dict(decay_mult=0.0)}))
+    groups = ctor(root).optimizer.param_groups
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    rules = O.ParamRules(lr_multipliers=((r"^unet(/|$)", 0.1),), no_decay="mmcv_norm")
+    for dotted, (module, ours) in named.items():
+        g = by_param[id(module.weight)]
+        want = f"lr_x{g['lr'] / base_lr:g}/{'decay' if g['weight_decay'] > 0 else 'no_decay'}"
+        got = O._leaf_label(ours, np.zeros((4,)), rules)
+        assert got == want, (dotted, ours, got, want)
+    # what the rule gives the UNet transformers' norms: the full rate, no decay (their 'unet' x0.1 is never reached)
+    assert O._leaf_label("unet/up_blocks_1/attentions_2/transformer_blocks_0/norm1/bias", np.zeros(4), rules) == \
+        "lr_x1/no_decay"

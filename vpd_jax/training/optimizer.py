@@ -24,10 +24,15 @@ from collections.abc import Callable, Sequence
 import jax
 import optax
 
-NO_DECAY_RULES = ("official", "mmseg", "norms", "none")
-# Normalisation layers by module name (UNet/VAE GroupNorms, the text encoder's LayerNorms, the heads' BatchNorms):
-# mmcv's ``paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)})`` matches "norm" in the parameter name.
-_NORM_MODULE = re.compile(r"(^|/)[^/]*(norm|bn)[^/]*/(scale|bias)$")
+NO_DECAY_RULES = ("official", "mmseg", "mmcv_norm", "none")
+# "mmcv_norm": VPD segmentation's ``paramwise_cfg=dict(custom_keys={'unet': dict(lr_mult=0.1), ..., 'norm':
+# dict(decay_mult=0.)})`` (wl-zhao/VPD segmentation/configs/fpn_vpd_sd1-5_512x512_gpu8x2.py). mmcv's
+# DefaultOptimizerConstructor tries the keys longest first (alphabetical among equals: 'norm' before 'unet') and
+# stops at the first that is a substring of the CompVis parameter name. The names holding "norm" are the UNet
+# transformers' GroupNorm (``...1.norm``) and LayerNorms (``transformer_blocks.0.norm1..3``): those get no decay
+# and the full rate (their 'unet' lr_mult is never reached). The ResBlocks' GroupNorms (``in_layers.0``,
+# ``out_layers.0``) and the head's BatchNorms (``bn``) hold no "norm": decayed like every other weight and bias.
+_MMCV_NORM = re.compile(r"^unet/.*attentions_\d+/(norm|transformer_blocks_\d+/norm[123])/(scale|bias)$")
 FROZEN = "frozen"
 
 
@@ -64,14 +69,14 @@ def _label(mult: float, decay: bool) -> str:
 def _leaf_label(path: str, leaf, rules: ParamRules) -> str:
     if any(re.search(rx, path) for rx in rules.frozen):
         return FROZEN
-    mult = next((m for rx, m in rules.lr_multipliers if re.search(rx, path)), 1.0)
     name = path.rsplit("/", 1)[-1]
+    if rules.no_decay == "mmcv_norm" and _MMCV_NORM.search(path):
+        return _label(1.0, False)
+    mult = next((m for rx, m in rules.lr_multipliers if re.search(rx, path)), 1.0)
     if rules.no_decay == "official":
         decay = not (len(leaf.shape) == 1 or name == "bias")
     elif rules.no_decay == "mmseg":
         decay = name != "bias"
-    elif rules.no_decay == "norms":
-        decay = not _NORM_MODULE.search(path)
     else:
         decay = True
     return _label(mult, decay)
