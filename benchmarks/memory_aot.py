@@ -1,4 +1,5 @@
-"""XLA's per-device memory of the full SD-1.5 VPD train step at 480x480, from AOT compilation only.
+"""XLA's per-device memory of the full SD-1.5 VPD train step (depth at 480x480, or ``--task segmentation``: the
+ADE20K step at 512x512 with 150 class tokens and the cross-attention maps kept), from AOT compilation only.
 
 No weights and no device memory: shapes come from ``jax.eval_shape``, the step is lowered and compiled for
 ``jax.ShapeDtypeStruct`` inputs, and ``compiled.memory_analysis()`` gives what XLA would allocate per device
@@ -9,6 +10,7 @@ per-device batch (whole BatchNorm/SiLog groups per device).
 
     python benchmarks/memory_aot.py --batches 1,4,8 --dtypes float32,bfloat16 --remat 0,1 --fsdp 1,8 \
         --budget_s 1200
+    python benchmarks/memory_aot.py --task segmentation --size 512 --batches 2 --fsdp 8,1
 
 On a CPU host the compiler is XLA:CPU, whose buffer assignment is close to, but not the same as, the GPU
 compiler's; on a GPU machine run the same command to get the GPU figures (the device count flag is then
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import nyu_480  # noqa: E402
+from configs import ade20k_512, nyu_480  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", False)
 
@@ -67,7 +69,7 @@ def gpu_devices(target: str, n: int):
 
 
 def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, target: str = "host",
-             hlo_dir: str | None = None, state_layout: str = "default"):
+             hlo_dir: str | None = None, state_layout: str = "default", task: str = "depth"):
     from vpd_jax import build, parallel
     from vpd_jax.tools.hlo_sources import traffic_summary
     from vpd_jax.training import step as S
@@ -77,8 +79,9 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     else:  # what a run on the GPU would pick: cuDNN's fused attention for bf16 where it can, XLA's for fp32
         devices, attention = gpu_devices(target, fsdp), ("cudnn_or_xla" if dtype == "bfloat16" else "xla")
     mesh = parallel.make_mesh(1, fsdp, devices)
-    # The step exactly as train.py builds it (vpd_jax.build) for configs/nyu_480.py with these settings.
-    cfg = nyu_480.get_config()
+    # The step exactly as train.py builds it (vpd_jax.build) for configs/nyu_480.py (or ade20k_512.py) with these
+    # settings.
+    cfg = (ade20k_512 if task == "segmentation" else nyu_480).get_config()
     cfg.model.dtype, cfg.model.remat, cfg.model.attention_impl = dtype, bool(remat), attention or ""
     cfg.train.global_batch_size, cfg.train.group_size, cfg.train.state_layout = batch * fsdp, batch, state_layout
     cfg.mesh.data, cfg.mesh.fsdp = 1, fsdp
@@ -89,9 +92,13 @@ def one_case(batch: int, dtype: str, remat: bool, fsdp: int, size: int = 480, ta
     g = batch * fsdp
     bs = parallel.batch_sharding(mesh)
     batch_abs = {"image": jax.ShapeDtypeStruct((g, size, size, 3), jnp.uint8, sharding=bs),
-                 "depth": jax.ShapeDtypeStruct((g, size, size), jnp.float32, sharding=bs),
-                 "class_id": jax.ShapeDtypeStruct((g,), jnp.int32, sharding=bs),
                  "valid": jax.ShapeDtypeStruct((g,), jnp.bool_, sharding=bs)}
+    if task == "segmentation":
+        batch_abs.update(label=jax.ShapeDtypeStruct((g, size, size), jnp.uint8, sharding=bs),
+                         image_hw=jax.ShapeDtypeStruct((g, 2), jnp.int32, sharding=bs))
+    else:
+        batch_abs.update(depth=jax.ShapeDtypeStruct((g, size, size), jnp.float32, sharding=bs),
+                         class_id=jax.ShapeDtypeStruct((g,), jnp.int32, sharding=bs))
     compiled, secs = S.compile_step(step_fn, abstract_state, batch_abs)
     text = compiled.as_text()
     if hlo_dir:  # the optimized HLO, e.g. for vpd_jax.tools.hlo_sources
@@ -116,6 +123,8 @@ def main(argv=None):
     p.add_argument("--remat", default="0,1")
     p.add_argument("--fsdp", default="1,8")
     p.add_argument("--size", type=int, default=480)
+    p.add_argument("--task", default="depth", choices=["depth", "segmentation"],
+                   help="depth: configs/nyu_480.py's step; segmentation: configs/ade20k_512.py's (use --size 512)")
     p.add_argument("--budget_s", type=float, default=1200.0)
     p.add_argument("--target", default="host",
                    help="host: this machine's backend (8 simulated devices on a CPU); or a GPU to compile for "
@@ -130,7 +139,8 @@ def main(argv=None):
         gpu_devices(a.target, max(map(int, a.fsdp.split(","))))
     where = (f"{jax.devices()[0].platform} x{len(jax.devices())}" if a.target == "host"
              else f"deviceless XLA:GPU for {a.target}")
-    print(f"{where}; jax {jax.__version__}; {len(cases)} cases; budget {a.budget_s:.0f}s", flush=True)
+    print(f"{where}; jax {jax.__version__}; {a.task} step at {a.size}x{a.size}; {len(cases)} cases; budget "
+          f"{a.budget_s:.0f}s", flush=True)
     head = (f"{'batch/dev':>9} {'dtype':>8} {'remat':>5} {'fsdp':>4} | {'params+opt (GiB)':>16} {'temp (GiB)':>10} "
             f"{'total/dev (GiB)':>15} | {'TFLOP/dev/step':>14} {'compile s':>9} | {'kernels':>7} {'mem-bound GiB':>13}")
     print(head + "\n" + "-" * len(head), flush=True)
@@ -141,7 +151,7 @@ def main(argv=None):
             print(f"(budget: {left:.0f}s left < {last:.0f}s per case; skipping the rest)")
             break
         t = time.perf_counter()
-        res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir, a.state_layout)
+        res = one_case(b, d, r, f, a.size, a.target, a.hlo_dir, a.state_layout, a.task)
         last = time.perf_counter() - t
         print(f"{b:>9} {d:>8} {str(r):>5} {f:>4} | {res['args']:>16.2f} {res['temp']:>10.2f} {res['total']:>15.2f} | "
               f"{res['tflop']:>14.2f} {res['compile_s']:>9.0f} | {res['kernels']:>7d} {res['mem_bound']:>13.2f}",

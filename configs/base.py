@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_ratio = 1e-6  # mmcv_poly schedule: first lr / regular lr
     c.optimizer.power = 1.0  # mmcv_poly schedule: poly power (to min_lr at train.total_steps)
     c.optimizer.weight_decay = 0.1  # AdamW decoupled weight decay
-    c.optimizer.no_decay = "official"  # decay exemption: "official" (1-D + biases), "mmseg" (biases), "mmcv_norm", "none"
+    c.optimizer.no_decay = "official"  # no decay on: "official" (1-D + biases), "mmseg" (biases), "mmcv_norm", "none"
     c.optimizer.unet_lr_mult = 0.01  # learning-rate multiplier of the UNet (both references 0.01)
     c.optimizer.b1 = 0.9  # Adam beta1
     c.optimizer.b2 = 0.999  # Adam beta2

@@ -66,3 +66,30 @@ def test_segmentation_recipe_trains_and_evaluates(seg_data, run_script):
     res_ms = json.loads(ms.read_text())
     assert res_ms["scales"] == [0.75, 1.0, 1.25] and res_ms["flip"] is True
     assert np.isfinite(res_ms["metrics"]["aAcc"])
+
+
+def test_predict_writes_class_maps(seg_data, run_script, tmp_path):
+    wd = seg_data / "wd"
+    if not (wd / "config.json").exists():
+        pytest.skip("needs the trained workdir of test_segmentation_recipe_trains_and_evaluates")
+    from PIL import Image
+
+    from vpd_jax.data import testing as dt
+    from vpd_jax.inference.segmenter import Segmenter
+
+    images = tmp_path / "in"
+    dt.write_depth_folder(str(images), layout="flat", depth_format="npy", num_images=2, height=64, width=96)
+    out = tmp_path / "out"
+    p = run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(images), "--output", str(out),
+                   "--crop", "64", "--stride", "43", "--test_resize", "none", "--no_progress")
+    assert "done: 2 image(s) segmented (6 files)" in p.stderr
+    seg = Segmenter.from_checkpoint(f"{wd}:latest", crop=64, stride=43, scale=None)
+    for jpg in sorted(images.glob("*.jpg")):
+        raw = np.asarray(Image.open(out / f"{jpg.stem}_labels.png"))
+        pal = Image.open(out / f"{jpg.stem}_classes.png")
+        assert pal.mode == "P" and np.array_equal(np.asarray(pal), raw)
+        np.testing.assert_array_equal(raw, seg.predict(np.asarray(Image.open(jpg).convert("RGB"))))
+        assert np.asarray(Image.open(out / f"{jpg.stem}_overlay.png")).shape == (64, 96, 3)
+    bad = run_script("predict.py", "--checkpoint", f"{wd}:latest", "--input", str(images), "--output",
+                     str(tmp_path / "x"), "--scene", "kitchen", check=False)
+    assert bad.returncode == 2 and "for depth models" in bad.stderr

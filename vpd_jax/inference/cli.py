@@ -9,19 +9,27 @@ from collections.abc import Sequence
 
 from vpd_jax.console import ArgumentParser, check_output_folder, run_tool
 from vpd_jax.errors import UsageError, UserError
-from vpd_jax.inference.files import Outputs, gather_inputs, predict_files
+from vpd_jax.inference.files import Outputs, gather_inputs, predict_files, segment_files
 from vpd_jax.inference.images import IMAGE_SUFFIXES
 from vpd_jax.inference.predictor import MODES, Predictor
+from vpd_jax.inference.segmenter import Segmenter
 from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES, name_key, read_class_list
 from vpd_jax.weights.common import WeightsError
-from vpd_jax.weights.loader import is_training_workdir, split_source, workdir_class_names, workdir_config
+from vpd_jax.weights.loader import (
+    is_training_workdir,
+    load_model,
+    split_source,
+    workdir_class_names,
+    workdir_config,
+)
 
 
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="predict.py",
-        description="VPD depth for your own images, at their own size. Writes, per image, the files chosen "
-                    "below (default: --png16 and --color).",
+        description="VPD depth (or, with a segmentation checkpoint, class maps) for your own images, at their own "
+                    "size. Writes, per image, the files chosen below (default: --png16 and --color); a segmentation "
+                    "model writes <name>_labels.png, <name>_classes.png and <name>_overlay.png.",
     )
     ap.add_argument("--checkpoint", required=True, metavar="SRC",
                     help="converted checkpoint folder, training workdir, or official/mmseg PyTorch file")
@@ -56,9 +64,24 @@ def build_parser() -> ArgumentParser:
     o.add_argument("--ply", action="store_true", help="<name>.ply coloured point cloud")
     for k in ("fx", "fy", "cx", "cy"):
         o.add_argument(f"--{k}", type=float, help="intrinsics in pixels at the image's size (default: NYU's, scaled)")
+    ap.add_argument("--multi_scale", action="store_true",
+                    help="segmentation models: the multi-scale (0.5-1.75) + flip test instead of one scale")
+    ap.add_argument("--test_resize", type=_resize_spec, default=(2048, 512), metavar="LONGxSHORT",
+                    help="segmentation models: resize to fit LONGxSHORT keeping the ratio first (default 2048x512, "
+                         "the reference's), or none")
     ap.add_argument("--skip_existing", action="store_true", help="skip images whose outputs all exist")
     ap.add_argument("--no_progress", dest="progress", action="store_false")
     return ap
+
+
+def _resize_spec(text: str) -> tuple[int, int] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        long, short = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LONGxSHORT such as 2048x512, or none") from None
+    return long, short
 
 
 def _crop(text: str) -> tuple[int, int]:
@@ -80,6 +103,8 @@ def known_class_names(checkpoint: str, class_embeddings: str | None) -> list[str
     path, _ = split_source(checkpoint)
     if path.is_dir() and is_training_workdir(path):
         try:
+            if workdir_config(path).get("task", "depth") != "depth":
+                return None  # a segmentation model: said once it is loaded
             n = int(workdir_config(path)["model"].get("num_classes") or NUM_CLASSES)
         except (WeightsError, KeyError, TypeError, ValueError):
             return None
@@ -118,11 +143,13 @@ def predict(argv: Sequence[str] | None = None) -> int:
     if not gather_inputs(args.input, exclude=out_dir)[0]:
         raise UsageError(f"--input {' '.join(args.input)}: no images there (expected image files, folders holding "
                          f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or glob patterns)")
+    loaded = load_model(args.checkpoint, overrides={"dtype": args.dtype} if args.dtype else None)
+    if loaded.task == "segmentation":
+        return _segment(args, loaded, out_dir)
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, mode=args.mode, scene=args.scene, prompt=args.prompt,
-                                              clip=args.clip, batch_size=args.batch_size, crop=args.crop,
-                                              stride=args.stride, flip=args.flip, dtype=args.dtype,
-                                              class_embeddings=args.class_embeddings)
+        predictor = Predictor.from_loaded(loaded, mode=args.mode, scene=args.scene, prompt=args.prompt,
+                                          clip=args.clip, batch_size=args.batch_size, crop=args.crop,
+                                          stride=args.stride, flip=args.flip, class_embeddings=args.class_embeddings)
     except ValueError as e:  # a scene or table that does not fit the model
         raise UserError(str(e)) from e
     scene = "scene from each image's folder" if args.scene_from else str(predictor.scene)
@@ -132,6 +159,33 @@ def predict(argv: Sequence[str] | None = None) -> int:
     s = predict_files(predictor, args.input, args.output, outputs, skip_existing=args.skip_existing,
                       progress=args.progress, predictor_for=predictor_for)
     line = f"done: {s.written} image(s) written ({s.files} files) to {args.output}; {len(s.skipped)} skipped"
+    if s.existing:
+        line += f"; {s.existing} already done"
+    print(line, file=sys.stderr)
+    for name, _ in s.skipped:
+        print(f"  skipped: {name}", file=sys.stderr)
+    return 0 if s.written or s.existing else 1
+
+
+DEPTH_ONLY = ("scene", "scene_from", "prompt", "class_embeddings", "png16", "npy", "color", "colorbar", "ply", "fx",
+              "fy", "cx", "cy")
+
+
+def _segment(args, loaded, out_dir) -> int:
+    """A segmentation checkpoint: class maps (raw ids, palette PNG, overlay) for every input image."""
+    given = [f"--{k}" for k in DEPTH_ONLY if getattr(args, k) not in (None, False)]
+    if given:
+        raise UsageError(f"{' '.join(given)}: for depth models; {args.checkpoint} is a segmentation model (it writes "
+                         "<name>_labels.png, <name>_classes.png and <name>_overlay.png)")
+    kw = {"batch_size": args.batch_size, "multi_scale": args.multi_scale, "scale": args.test_resize}
+    if args.crop:
+        kw["crop"] = args.crop
+    if args.stride:
+        kw["stride"] = args.stride
+    segmenter = Segmenter.from_loaded(loaded, **kw)
+    print(f"vpd-jax predict: {args.checkpoint}, segmentation, {segmenter.describe()}", file=sys.stderr)
+    s = segment_files(segmenter, args.input, out_dir, skip_existing=args.skip_existing, progress=args.progress)
+    line = f"done: {s.written} image(s) segmented ({s.files} files) to {args.output}; {len(s.skipped)} skipped"
     if s.existing:
         line += f"; {s.existing} already done"
     print(line, file=sys.stderr)

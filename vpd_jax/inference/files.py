@@ -185,3 +185,47 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os
     finally:
         bar.close()
     return summary
+
+
+SEG_SUFFIXES = {"labels": "_labels.png", "classes": "_classes.png", "overlay": "_overlay.png"}
+
+
+def seg_output_paths(out_dir: pathlib.Path, stem: pathlib.Path) -> dict[str, pathlib.Path]:
+    """``<stem>_labels.png`` (raw class ids, 8-bit), ``<stem>_classes.png`` (palette PNG: the ids, coloured) and
+    ``<stem>_overlay.png`` (the classes over the image)."""
+    base = out_dir / stem
+    return {k: base.with_name(base.name + suffix) for k, suffix in SEG_SUFFIXES.items()}
+
+
+def segment_files(segmenter, inputs: Sequence[str], out_dir: str | os.PathLike, *, skip_existing: bool = False,
+                  progress: bool = True, log=None) -> Summary:
+    """Class maps for every image named by ``inputs`` (as :func:`predict_files`), one image at a time (the
+    segmenter batches each image's windows); an unreadable image is skipped with a one-line warning."""
+    from tqdm import tqdm
+
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    out_dir = pathlib.Path(out_dir)
+    files, missing = gather_inputs(inputs, exclude=out_dir)
+    summary = Summary()
+    for spec in missing:
+        log(f"warning: {spec}: no such file, or no images in it; skipped")
+        summary.skipped.append((spec, "no images"))
+    if skip_existing:
+        todo = [(f, s) for f, s in files if not all(p.exists() for p in seg_output_paths(out_dir, s).values())]
+        summary.existing = len(files) - len(todo)
+        files = todo
+    for f, stem in tqdm(files, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+        try:
+            img = load_image(f)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            log(f"warning: skipping {f}: not a readable image ({type(e).__name__}: {e})")
+            summary.skipped.append((str(f), str(e)))
+            continue
+        labels = segmenter.predict(img)
+        paths = seg_output_paths(out_dir, stem)
+        vis.save_label_png(paths["labels"], labels)
+        vis.save_palette_png(paths["classes"], labels, segmenter.palette)
+        vis.save_png(paths["overlay"], vis.overlay_labels(img, labels, segmenter.palette))
+        summary.files += len(paths)
+        summary.written += 1
+    return summary

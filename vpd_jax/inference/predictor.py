@@ -131,7 +131,20 @@ class Predictor:
             raise ValueError("give a scene class or a prompt, not both")
         if dtype is not None:
             model_overrides["dtype"] = dtype
-        loaded = load_model(src, overrides=model_overrides)
+        return cls.from_loaded(load_model(src, overrides=model_overrides), mode=mode, scene=scene, prompt=prompt,
+                               clip=clip, batch_size=batch_size, crop=crop, stride=stride, flip=flip,
+                               class_embeddings=class_embeddings)
+
+    @classmethod
+    def from_loaded(cls, loaded, *, mode: str = "slide", scene: str | int | None = None, prompt: str | None = None,
+                    clip: str | os.PathLike | None = None, batch_size: int = 4, crop=None, stride=None,
+                    flip: bool = True, class_embeddings: str | os.PathLike | None = None) -> Predictor:
+        """As :meth:`from_checkpoint`, for a model ``vpd_jax.weights.loader.load_model`` has read already."""
+        if loaded.task != "depth":
+            raise ValueError(f"{loaded.description}: a {loaded.task} model; Predictor is for depth (use "
+                             "vpd_jax.inference.segmenter.Segmenter)")
+        if scene is not None and prompt is not None:
+            raise ValueError("give a scene class or a prompt, not both")
         model, variables, ckpt_crop, names = loaded.model, loaded.variables, loaded.crop, loaded.class_names
         if class_embeddings is not None:
             variables, names = with_table(variables, class_embeddings, model.config.text_dim)

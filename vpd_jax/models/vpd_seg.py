@@ -168,7 +168,12 @@ class VPDSeg(nn.Module):
         table = self.variable(CONSTANTS, "class_embeddings", jnp.zeros, (c.num_classes, c.text_dim), jnp.float32)
         gamma = self.param("gamma", lambda _, s, d: jnp.full(s, 1e-4, d), (c.text_dim,), pdt)
         tokens = TextAdapter(c.text_dim, dtype=dt, param_dtype=pdt, name="text_adapter")(table.value, gamma)
-        context = jnp.broadcast_to(tokens[None], (b, *tokens.shape))
+        # The class tokens are the same for every image. Under the train step's vmap over BatchNorm groups they would
+        # not carry the vmapped axis, which JAX's cuDNN attention batching rule cannot take (it reshapes the keys to
+        # the queries' batch: jax/_src/cudnn/fused_attention_stablehlo.py ``_dot_product_attention_fwd_batcher``).
+        # An exact zero computed from the images gives the context the images' batch axes.
+        zero = jax.lax.stop_gradient(images[:, :1, :1, 0].astype(dt) * 0)
+        context = jnp.broadcast_to(tokens[None], (b, *tokens.shape)) + zero
 
         unet = UNet2DConditionModel(c.unet, dtype=dt, param_dtype=pdt, attention_impl=c.attention_impl,
                                     remat=c.remat, remat_policy=c.remat_policy, name="unet")
