@@ -1,8 +1,10 @@
-"""One door to a trained VPD: ``load_model(source)`` for every kind of source, one named result.
+"""One door to a trained VPD, depth or segmentation: ``load_model(source)`` for every kind of source, one named
+result (``.task`` says which network, ``VPDDepth`` or ``VPDSeg``).
 
 Sources:
 
-* an official or mmseg PyTorch file (``.pth``/``.ckpt``/``.safetensors``), converted on the fly
+* the official VPD segmentation ``.pth`` (the key names tell it apart);
+* an official or mmseg PyTorch depth file (``.pth``/``.ckpt``/``.safetensors``), converted on the fly
   (``torch.load(weights_only=True)``; ``vpd_checkpoint.convert_file``);
 * a folder written by ``python -m vpd_jax.tools.convert`` (``config.json`` + ``variables/``);
 * a ``train.py`` workdir: its best-by-RMSE weights (default), or its newest checkpoint with ``which="latest"``
@@ -12,6 +14,9 @@ Sources:
 
 The result holds host numpy arrays; ``overrides`` replace ``VPDConfig`` fields that do not change the weights
 (``dtype``, ``attention_impl``, ``remat``, ``max_depth``, ...).
+
+``load_seg_model(source)`` reads segmentation sources only (the released ``.pth`` or a converted folder), with the
+conversion's skip report.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from vpd_jax.data.segmentation import ADE20K_CLASSES
 from vpd_jax.models.vpd import VPDConfig, VPDDepth, abstract_variables
 from vpd_jax.models.vpd_seg import VPDSeg, VPDSegConfig
 from vpd_jax.models.vpd_seg import abstract_variables as seg_abstract_variables
 from vpd_jax.scenes import NUM_CLASSES, NYU_CLASSES
 from vpd_jax.weights import vpd_checkpoint as vc
+from vpd_jax.weights import vpd_seg_checkpoint as vsc
 from vpd_jax.weights.common import WeightsError, orbax
 
 # The layout of a train.py workdir (written by vpd_jax.training.checkpoint).
@@ -305,17 +312,23 @@ def load_model(source: str | os.PathLike, *, which: str | None = None, config: V
     def finish(loaded: LoadedModel) -> LoadedModel:
         if overrides:
             loaded.config = loaded.config.replace(**overrides)
-            loaded.model = VPDDepth(loaded.config)
+            loaded.model = VPDSeg(loaded.config) if loaded.task == "segmentation" else VPDDepth(loaded.config)
         return loaded
 
     if path.is_file():
-        conv = vc.convert_file(path, config, fmt)
+        state, _ = vc.read_checkpoint(path)  # read once; the keys tell the task
+        if vsc.is_segmentation_state(state):
+            return _as_loaded(load_seg_model(path, config=config if isinstance(config, VPDSegConfig) else None,
+                                             overrides=overrides, state=state))
+        conv = vc.convert_state_dict(state, config, fmt, what=str(path))
         return finish(LoadedModel(VPDDepth(conv.config), conv.variables, conv.config, None, conv.format,
                                   f"{path} ({conv.format} layout)", "pytorch"))
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
     if not path.is_dir():
         raise WeightsError(f"{path}: not a checkpoint file or folder")
+    if vsc.is_segmentation_dir(path):
+        return _as_loaded(load_seg_model(path, overrides=overrides))
     if vc.is_converted_dir(path):
         return finish(_load_converted(path))
     if is_training_workdir(path):
@@ -350,3 +363,68 @@ def _load_converted(path: pathlib.Path) -> LoadedModel:
     rule = meta.get("source", {}).get("class_rule")
     return LoadedModel(VPDDepth(config), variables, config, int(crop) if crop else None, rule, str(path),
                        "converted")
+
+
+# ------------------------------------------------------------------------------------------- segmentation
+
+@dataclasses.dataclass
+class LoadedSegModel:
+    """A segmentation network ready to run: ``model.apply(variables, images)`` -> logits (B, H, W, classes).
+
+    ``crop``: the square training crop if the source records it; ``kind``: "pytorch" or "converted";
+    ``class_names``: the table's row names (ADE20K's 150 in the official order for a 150-row table, else None).
+    """
+
+    model: VPDSeg
+    variables: dict[str, Any]
+    config: VPDSegConfig
+    crop: int | None
+    description: str
+    kind: str
+    skipped: dict[str, str] | None = None  # key -> reason, for a PyTorch source
+    class_names: list[str] | None = None
+
+    def __post_init__(self):
+        if self.class_names is None and self.config.num_classes == len(ADE20K_CLASSES):
+            self.class_names = list(ADE20K_CLASSES)
+
+    @property
+    def class_embeddings(self) -> np.ndarray:
+        return np.asarray(self.variables["constants"]["class_embeddings"])
+
+
+def _as_loaded(seg: LoadedSegModel) -> LoadedModel:
+    """A segmentation model in ``load_model``'s result type (``task == "segmentation"``)."""
+    return LoadedModel(seg.model, seg.variables, seg.config, seg.crop, None, seg.description, seg.kind,
+                       class_names=seg.class_names)
+
+
+def load_seg_model(source: str | os.PathLike, *, config: VPDSegConfig | None = None, heads: Any = None,
+                   overrides: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None
+                   ) -> LoadedSegModel:
+    """The ``VPDSeg`` of ``source``: the official segmentation ``.pth`` (``config``/``heads`` for an architecture
+    other than SD-1.5's) or a converted folder. ``overrides`` replace ``VPDSegConfig`` fields that do not change
+    the weights (``dtype``, ``attention_impl``, ``remat``, ...)."""
+    path = pathlib.Path(os.fspath(source)).expanduser()
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+    if path.is_file():
+        conv = (vsc.convert_state_dict(state, config, what=str(path), heads=heads) if state is not None
+                else vsc.convert_file(path, config, heads=heads))
+        loaded = LoadedSegModel(VPDSeg(conv.config), conv.variables, conv.config, None,
+                                f"{path} (official segmentation layout)", "pytorch", conv.skipped)
+    elif not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    elif vc.is_converted_dir(path):
+        if not vsc.is_segmentation_dir(path):
+            raise WeightsError(f"{path}: a converted depth checkpoint; load it with vpd_jax.weights.loader.load_model")
+        meta = vc.read_converted_meta(path)
+        variables, cfg = vsc.load_converted(path)
+        crop = meta.get("crop")
+        loaded = LoadedSegModel(VPDSeg(cfg), variables, cfg, int(crop) if crop else None, str(path), "converted")
+    else:
+        raise WeightsError(f"{path}: neither a VPD segmentation checkpoint file nor a converted folder "
+                           "(config.json + variables/)")
+    if overrides:
+        loaded.config = loaded.config.replace(**overrides)
+        loaded.model = VPDSeg(loaded.config)
+    return loaded

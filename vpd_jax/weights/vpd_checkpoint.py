@@ -197,14 +197,16 @@ class Conversion:
     """The result of converting a PyTorch VPD checkpoint.
 
     ``variables``: ``{params, batch_stats, constants}`` as host numpy arrays (fp32). ``skipped``: file key ->
-    why it was not used. ``format``: the layout it was read as.
+    why it was not used. ``format``: the layout it was read as. ``task``: "depth" (``VPDConfig``) or
+    "segmentation" (``VPDSegConfig``, ``vpd_jax.weights.vpd_seg_checkpoint``).
     """
 
     variables: dict[str, Any]
-    config: Any  # VPDConfig
+    config: Any  # VPDConfig or VPDSegConfig
     format: str
     skipped: dict[str, str]
     source: str = ""
+    task: str = "depth"
 
 
 def infer_config(state: Mapping[str, Any], fmt: str, base: Any = None, heads: Any = None) -> Any:
@@ -254,6 +256,9 @@ def convert_state_dict(state: Mapping[str, Any], config: Any = None, fmt: str = 
     """
     detected = detect_format(state)
     if fmt == "auto":
+        if detected is None and any(k.startswith("unet.unet.diffusion_model.") for k in state):
+            raise WeightsError(f"{what}: a VPD segmentation checkpoint, not a depth one (convert it with "
+                               "python -m vpd_jax.tools.convert; vpd_jax.weights.loader.load_seg_model)")
         if detected is None:
             raise WeightsError(f"{what}: neither an official VPD nor an mmseg VPD depth checkpoint "
                                f"(no encoder.*/last_layer_depth.* nor backbone.*/decode_head.* keys); first keys: "
@@ -419,6 +424,9 @@ def save_converted(conv: Conversion, out_dir: str | os.PathLike, crop: int | Non
                    "class_rule": conv.format,
                    "skipped": summarise_skipped(conv.skipped)},
     }
+    if conv.task != "depth":  # a depth folder's config.json stays as it was (no "task": depth is implied)
+        meta["task"] = conv.task
+        del meta["source"]["class_rule"]
     if crop:
         meta["crop"] = int(crop)
     try:
@@ -466,6 +474,9 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     if not is_converted_dir(p):
         raise WeightsError(f"{p}: not a converted VPD checkpoint (expected {CONFIG_FILE} and {VARIABLES_DIR}/)")
     meta = read_converted_meta(p)
+    if meta.get("task", "depth") != "depth":
+        raise WeightsError(f"{p}: a converted {meta['task']} checkpoint, not a depth one "
+                           "(vpd_jax.weights.loader.load_seg_model reads it)")
     try:
         cfg = VPDConfig.from_dict(meta["config"])
     except (KeyError, ValueError, TypeError) as e:
