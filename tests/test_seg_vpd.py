@@ -226,3 +226,41 @@ def test_converted_checkpoint_predicts_the_same_labels(cli_folder, ref, apply_fn
     assert len(np.unique(want.argmax(1))) >= 3
     assert not np.any(differ & ~ties), f"{int(differ.sum())} of {differ.size} labels differ outside ties"
     assert int(differ.sum()) <= int(ties.sum()) and int(ties.sum()) < differ.size // 100
+
+
+def test_sd15_sized_checkpoint_infers_the_released_config():
+    """Key names and shapes of the released ADE20K checkpoint (SD-1.5 modules on PyTorch's 'meta' device, mmseg's
+    FPN with the config's ``in_channels=[320, 790, 1430, 1280]``, 150 x 768 table) give ``VPDSegConfig()``."""
+    from reference.torch_training import import_mmseg
+    from vpd_jax.models.vpd_seg import VPDSegConfig
+    from vpd_jax.weights import diffusers as dw
+
+    import_mmseg()
+    from mmseg.models.decode_heads.fpn_head import FPNHead
+    from mmseg.models.necks.fpn import FPN
+
+    sd15_unet = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                     cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**sd15_unet)
+        neck = FPN([320, 790, 1430, 1280], 256, 4)
+        head = FPNHead(feature_strides=[4, 8, 16, 32], in_channels=[256] * 4, in_index=[0, 1, 2, 3], channels=256,
+                       dropout_ratio=0.1, num_classes=150, norm_cfg=dict(type="BN"), align_corners=False)
+    shaped = lambda sd: {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in sd.items()}  # noqa: E731
+    body = {k: v for k, v in shaped(unet.state_dict()).items() if not k.startswith(("conv_norm_out", "conv_out"))}
+    state = {"unet.unet.diffusion_model." + k: v
+             for k, v in dw.diffusers_unet_to_ldm(body, dw.UNetConfig.from_diffusers(sd15_unet)).items()}
+    state.update({"neck." + k: v for k, v in shaped(neck.state_dict()).items()})
+    state.update({"decode_head." + k: v for k, v in shaped(head.state_dict()).items()})
+    # the SD VAE encoder's CompVis names (the SD-1.5 widths)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                      latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+    state.update({"encoder_vq." + k: v for k, v in dw.diffusers_vae_to_ldm(shaped(vae.state_dict())).items()})
+    state["class_embeddings"] = np.broadcast_to(np.float32(0), (150, 768))
+    assert vsc.infer_config(state) == VPDSegConfig()
+    head_params = sum(int(np.prod(v.shape)) for k, v in state.items()
+                      if k.startswith(("neck.", "decode_head.")) and "running" not in k and "num_batches" not in k)
+    assert head_params == 7_510_166  # docs/segmentation.md
