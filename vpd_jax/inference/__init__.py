@@ -1,4 +1,5 @@
-"""Depth for anyone's images: ``Predictor`` (the Python API) and the library side of ``predict.py``.
+"""Depth for anyone's images: ``Predictor`` (the Python API) and the library side of ``predict.py``; class maps
+from a segmentation model: ``Segmenter`` (``segmenter.py``).
 
     >>> from vpd_jax import Predictor
     >>> p = Predictor.from_checkpoint("checkpoints/vpd_nyu")   # converted dir, workdir or official/mmseg .pth
@@ -31,6 +32,7 @@ All windows of a batch of equal-size images, and their flips, go through one jit
 from vpd_jax.inference.files import Outputs, Summary, gather_inputs, predict_files
 from vpd_jax.inference.images import IMAGE_SUFFIXES, as_rgb, load_image
 from vpd_jax.inference.predictor import DEFAULT_CROP, MODES, Predictor, Scene, working_size
+from vpd_jax.inference.segmenter import Segmenter
 
-__all__ = ["DEFAULT_CROP", "IMAGE_SUFFIXES", "MODES", "Outputs", "Predictor", "Scene", "Summary", "as_rgb",
-           "gather_inputs", "load_image", "predict_files", "working_size"]
+__all__ = ["DEFAULT_CROP", "IMAGE_SUFFIXES", "MODES", "Outputs", "Predictor", "Scene", "Segmenter", "Summary",
+           "as_rgb", "gather_inputs", "load_image", "predict_files", "working_size"]
