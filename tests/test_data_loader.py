@@ -102,6 +102,13 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data_dir):
     other = loader.make_train_loader(data_dir, **{**kw, "seed": 4})
     with pytest.raises(ValueError, match="seed"):
         other.set_state(state)
+    # A state saved before the class-row and input-crop fields existed resumes the same stream.
+    old = json.loads(state)
+    for k in ("class_rows", "input_crop"):
+        del old["fingerprint"][k]
+    again = loader.make_train_loader(data_dir, **kw)
+    again.set_state(json.dumps(old).encode())
+    _assert_same(_take(again, 8), full[4:])
 
 
 def test_resume_with_worker_processes(data_dir):

@@ -154,6 +154,10 @@ class _TrainTransform:
         return {"image": image, "depth": depth, "class_id": ex["class_id"], "valid": np.bool_(True)}
 
 
+# Fingerprint fields added over time, with the value that states saved before them implied.
+FINGERPRINT_DEFAULTS = {"class_rows": [], "input_crop": "none"}
+
+
 class TrainIterator:
     """grain iterator plus a fingerprint of the loader settings; state is JSON bytes (DataLoader-style, so
     grain's orbax ``CheckpointHandler`` can save it with the training checkpoint)."""
@@ -177,9 +181,9 @@ class TrainIterator:
             state = state.decode()
         if isinstance(state, str):
             state = json.loads(state)
-        if state.get("fingerprint") != self.fingerprint:
-            diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in self.fingerprint.items()
-                    if state.get("fingerprint", {}).get(k) != v}
+        saved = {**FINGERPRINT_DEFAULTS, **state.get("fingerprint", {})}  # states saved before a field existed
+        if saved != {**FINGERPRINT_DEFAULTS, **self.fingerprint}:
+            diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
             raise ValueError(f"loader state was saved with different settings (saved, now): {diff}")
         self._it.set_state(state["grain"])
 
