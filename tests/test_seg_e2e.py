@@ -84,6 +84,9 @@ def test_predict_writes_class_maps(seg_data, run_script, tmp_path):
                    "--crop", "64", "--stride", "43", "--test_resize", "none", "--no_progress")
     assert "done: 2 image(s) segmented (6 files)" in p.stderr
     seg = Segmenter.from_checkpoint(f"{wd}:latest", crop=64, stride=43, scale=None)
+    from vpd_jax import Predictor
+
+    assert isinstance(Predictor.from_checkpoint(f"{wd}:latest"), Segmenter)  # one door for both tasks
     for jpg in sorted(images.glob("*.jpg")):
         raw = np.asarray(Image.open(out / f"{jpg.stem}_labels.png"))
         pal = Image.open(out / f"{jpg.stem}_classes.png")

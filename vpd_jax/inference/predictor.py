@@ -118,7 +118,8 @@ class Predictor:
                         prompt: str | None = None, clip: str | os.PathLike | None = None, batch_size: int = 4,
                         crop=None, stride=None, flip: bool = True, dtype: str | None = None,
                         class_embeddings: str | os.PathLike | None = None, **model_overrides) -> Predictor:
-        """Load ``src`` (any source of ``vpd_jax.weights.loader.load_model``) and choose the conditioning.
+        """Load ``src`` (any source of ``vpd_jax.weights.loader.load_model``) and choose the conditioning. A
+        segmentation checkpoint gives a ``vpd_jax.inference.segmenter.Segmenter`` (``predict`` -> class ids).
 
         ``scene``: a class name or row of the model's class table (NYU's 27 for the released models; a workdir
         trained on your own table knows its names); ``class_embeddings``: use this table (with its
@@ -131,7 +132,19 @@ class Predictor:
             raise ValueError("give a scene class or a prompt, not both")
         if dtype is not None:
             model_overrides["dtype"] = dtype
-        return cls.from_loaded(load_model(src, overrides=model_overrides), mode=mode, scene=scene, prompt=prompt,
+        loaded = load_model(src, overrides=model_overrides)
+        if loaded.task == "segmentation":  # the same door for both tasks: class maps instead of depth
+            from vpd_jax.inference.segmenter import Segmenter
+
+            if scene is not None or prompt is not None or class_embeddings is not None:
+                raise ValueError(f"{src}: a segmentation model; scene, prompt and class_embeddings are for depth")
+            kw = {"batch_size": batch_size}
+            if crop:
+                kw["crop"] = crop
+            if stride:
+                kw["stride"] = stride
+            return Segmenter.from_loaded(loaded, **kw)
+        return cls.from_loaded(loaded, mode=mode, scene=scene, prompt=prompt,
                                clip=clip, batch_size=batch_size, crop=crop, stride=stride, flip=flip,
                                class_embeddings=class_embeddings)
 
