@@ -196,6 +196,38 @@ class TrainIterator:
             self._it.close()
 
 
+def global_stream(data_dir: str, dataset: str, split: str, *, global_batch_size: int, seed: int,
+                  process_index: int, process_count: int, worker_count: int, num_epochs: int | None,
+                  make_transform, read_threads: int = 2, worker_buffer_size: int = 2) -> tuple[Any, dict]:
+    """The one global training stream (module docstring) of ``dataset``/``split``, as this host's batches:
+    ``(grain iterable, fingerprint)``. ``make_transform(source, order, host_batch)`` gives the picklable
+    per-example transform (host position -> augmented example); the fingerprint holds the stream's settings."""
+    import grain
+
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    batch = global_batch_size // process_count
+    source = open_source(data_dir, dataset, split)
+    n = len(source)
+    if n < global_batch_size:
+        raise ConfigError(f"train.global_batch_size={global_batch_size}: {dataset}/{split} has only {n} examples; "
+                          "expected at most that many")
+    order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
+    steps = len(order) // global_batch_size  # drop_remainder over the whole (global) stream
+    ds = grain.MapDataset.range(steps * batch).map(make_transform(source, order, batch))
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
+    ids = ids.batch(batch, drop_remainder=True)
+    if worker_count > 0:
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                           per_worker_buffer_size=worker_buffer_size))
+    fingerprint = {"dataset": dataset, "split": split, "num_examples": n, "global_batch_size": global_batch_size,
+                   "seed": int(seed), "process_index": process_index, "process_count": process_count,
+                   "worker_count": worker_count, "num_epochs": num_epochs}
+    return ids, fingerprint
+
+
 def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "train",
                       global_batch_size: int, seed: int, aug: AugmentConfig | None = None,
                       process_index: int = 0, process_count: int = 1, worker_count: int = 0,
@@ -204,38 +236,19 @@ def make_train_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str
     """Infinite (or ``num_epochs``) stream of augmented training batches of ``global_batch_size //
     process_count`` examples for this host. ``worker_count`` > 0 runs the decoding and augmentation in that
     many processes (absl flags must be parsed in the main program, as grain requires)."""
-    import grain
-
     aug = aug if aug is not None else AugmentConfig()
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    batch = global_batch_size // process_count
     require_depth_dataset(dataset)
-    source = open_source(data_dir, dataset, split)
-    n = len(source)
-    if n < global_batch_size:
-        raise ConfigError(f"train.global_batch_size={global_batch_size}: {dataset}/{split} has only {n} examples; "
-                          "expected at most that many")
-    order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
-    steps = len(order) // global_batch_size  # drop_remainder over the whole (global) stream
     rule = _class_rule(class_rule)
     if input_crop not in INPUT_CROPS:
         raise ConfigError(f"input_crop {input_crop!r} is not one of {INPUT_CROPS}")
-    transform = _TrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size, rule,
-                                input_crop)
-    ds = grain.MapDataset.range(steps * batch).map(transform)
-    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
-    ids = ids.batch(batch, drop_remainder=True)
-    if worker_count > 0:
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                           per_worker_buffer_size=worker_buffer_size))
-    fingerprint = {"dataset": dataset, "split": split, "num_examples": n, "global_batch_size": global_batch_size,
-                   "seed": int(seed), "process_index": process_index, "process_count": process_count,
-                   "worker_count": worker_count, "num_epochs": num_epochs, "class_rule": rule.rule,
-                   "class_rows": [list(r) for r in rule.rows], "input_crop": input_crop,
-                   "aug": json.loads(json.dumps(dataclasses.asdict(aug)))}
+    ids, fingerprint = global_stream(
+        data_dir, dataset, split, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+        process_count=process_count, worker_count=worker_count, num_epochs=num_epochs,
+        read_threads=read_threads, worker_buffer_size=worker_buffer_size,
+        make_transform=lambda source, order, batch: _TrainTransform(
+            source, order, aug, int(seed), process_index, batch, global_batch_size, rule, input_crop))
+    fingerprint.update(class_rule=rule.rule, class_rows=[list(r) for r in rule.rows], input_crop=input_crop,
+                       aug=json.loads(json.dumps(dataclasses.asdict(aug))))
     return TrainIterator(ids, fingerprint)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from vpd_jax.data import catalog
-from vpd_jax.data.loader import TrainIterator, open_source
+from vpd_jax.data.loader import TrainIterator, global_stream, open_source
 from vpd_jax.data.seg_augment import IGNORE_INDEX, SegAugmentConfig, rescale_shape, seg_augment
 from vpd_jax.data.segmentation import decode_label
 from vpd_jax.errors import ConfigError
@@ -81,35 +81,17 @@ def make_seg_train_loader(data_dir: str, *, dataset: str = "ade20k_vpd/ade", spl
     """Infinite (or ``num_epochs``) stream of augmented batches of ``global_batch_size // process_count``
     examples for this host; ``aug`` defaults to VPD's 512 recipe (its ``crop_size`` must not be None: batches
     need one shape)."""
-    import grain
-
     _check_task(dataset)
     aug = aug if aug is not None else SegAugmentConfig()
     if aug.crop_size is None:
         raise ConfigError("SegAugmentConfig.crop_size=None: training batches need one image size")
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    batch = global_batch_size // process_count
-    source = open_source(data_dir, dataset, split)
-    n = len(source)
-    if n < global_batch_size:
-        raise ConfigError(f"train.global_batch_size={global_batch_size}: {dataset}/{split} has only {n} examples; "
-                          "expected at most that many")
-    order = grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
-    steps = len(order) // global_batch_size
-    transform = _SegTrainTransform(source, order, aug, int(seed), process_index, batch, global_batch_size)
-    ds = grain.MapDataset.range(steps * batch).map(transform)
-    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 8)))
-    ids = ids.batch(batch, drop_remainder=True)
-    if worker_count > 0:
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                           per_worker_buffer_size=worker_buffer_size))
-    fingerprint = {"dataset": dataset, "split": split, "num_examples": n, "global_batch_size": global_batch_size,
-                   "seed": int(seed), "process_index": process_index, "process_count": process_count,
-                   "worker_count": worker_count, "num_epochs": num_epochs,
-                   "aug": json.loads(json.dumps(dataclasses.asdict(aug)))}
+    ids, fingerprint = global_stream(
+        data_dir, dataset, split, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+        process_count=process_count, worker_count=worker_count, num_epochs=num_epochs,
+        read_threads=read_threads, worker_buffer_size=worker_buffer_size,
+        make_transform=lambda source, order, batch: _SegTrainTransform(
+            source, order, aug, int(seed), process_index, batch, global_batch_size))
+    fingerprint["aug"] = json.loads(json.dumps(dataclasses.asdict(aug)))
     return TrainIterator(ids, fingerprint)
 
 

@@ -158,7 +158,12 @@ def predict(argv: Sequence[str] | None = None) -> int:
     predictor_for = _by_parent(predictor) if args.scene_from == "parent" else None
     s = predict_files(predictor, args.input, args.output, outputs, skip_existing=args.skip_existing,
                       progress=args.progress, predictor_for=predictor_for)
-    line = f"done: {s.written} image(s) written ({s.files} files) to {args.output}; {len(s.skipped)} skipped"
+    return _report(s, "written", args.output)
+
+
+def _report(s, verb: str, output: str) -> int:
+    """The last lines of a run over files; exit 0 when something was written (or was there already)."""
+    line = f"done: {s.written} image(s) {verb} ({s.files} files) to {output}; {len(s.skipped)} skipped"
     if s.existing:
         line += f"; {s.existing} already done"
     print(line, file=sys.stderr)
@@ -185,13 +190,7 @@ def _segment(args, loaded, out_dir) -> int:
     segmenter = Segmenter.from_loaded(loaded, **kw)
     print(f"vpd-jax predict: {args.checkpoint}, segmentation, {segmenter.describe()}", file=sys.stderr)
     s = segment_files(segmenter, args.input, out_dir, skip_existing=args.skip_existing, progress=args.progress)
-    line = f"done: {s.written} image(s) segmented ({s.files} files) to {args.output}; {len(s.skipped)} skipped"
-    if s.existing:
-        line += f"; {s.existing} already done"
-    print(line, file=sys.stderr)
-    for name, _ in s.skipped:
-        print(f"  skipped: {name}", file=sys.stderr)
-    return 0 if s.written or s.existing else 1
+    return _report(s, "segmented", args.output)
 
 
 def _by_parent(predictor: Predictor):

@@ -113,6 +113,21 @@ class Summary:
     existing: int = 0
 
 
+def _todo(inputs, out_dir: pathlib.Path, paths_of, skip_existing: bool, log):
+    """``(files to do, Summary)``: the inputs' images (``gather_inputs``), each spec matching nothing warned about
+    and counted, and with ``skip_existing`` those whose outputs (``paths_of(stem)``) all exist left out."""
+    files, missing = gather_inputs(inputs, exclude=out_dir)
+    summary = Summary()
+    for spec in missing:
+        log(f"warning: {spec}: no such file, or no images in it; skipped")
+        summary.skipped.append((spec, "no images"))
+    if skip_existing:
+        todo = [(f, s) for f, s in files if not all(p.exists() for p in paths_of(s).values())]
+        summary.existing = len(files) - len(todo)
+        files = todo
+    return files, summary
+
+
 def _header_size(path: pathlib.Path) -> tuple[int, int] | None:
     """(h, w) after EXIF rotation, from the header only; None if unreadable (it is then tried, and warned, later)."""
     try:
@@ -140,15 +155,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], out_dir: str | os
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     out_dir = pathlib.Path(out_dir)
-    files, missing = gather_inputs(inputs, exclude=out_dir)
-    summary = Summary()
-    for spec in missing:
-        log(f"warning: {spec}: no such file, or no images in it; skipped")
-        summary.skipped.append((spec, "no images"))
-    if skip_existing:
-        todo = [(f, s) for f, s in files if not all(p.exists() for p in outputs.paths(out_dir, s).values())]
-        summary.existing = len(files) - len(todo)
-        files = todo
+    files, summary = _todo(inputs, out_dir, lambda stem: outputs.paths(out_dir, stem), skip_existing, log)
     sizes = {f: _header_size(f) for f, _ in files}
     chosen = {f: predictor_for(f) if predictor_for else predictor for f, _ in files}
     kinds = {id(p): i for i, p in enumerate(dict.fromkeys(chosen.values()))}
@@ -205,15 +212,7 @@ def segment_files(segmenter, inputs: Sequence[str], out_dir: str | os.PathLike, 
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     out_dir = pathlib.Path(out_dir)
-    files, missing = gather_inputs(inputs, exclude=out_dir)
-    summary = Summary()
-    for spec in missing:
-        log(f"warning: {spec}: no such file, or no images in it; skipped")
-        summary.skipped.append((spec, "no images"))
-    if skip_existing:
-        todo = [(f, s) for f, s in files if not all(p.exists() for p in seg_output_paths(out_dir, s).values())]
-        summary.existing = len(files) - len(todo)
-        files = todo
+    files, summary = _todo(inputs, out_dir, lambda stem: seg_output_paths(out_dir, stem), skip_existing, log)
     for f, stem in tqdm(files, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True):
         try:
             img = load_image(f)

@@ -117,15 +117,7 @@ class VPDConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VPDConfig:
         """From ``to_dict`` output (or a ConfigDict's ``to_dict()``); ``unet``/``vae`` may be diffusers configs."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"VPDConfig: unknown field(s) {unknown}")
-        kw = dict(d)
-        if isinstance(kw.get("unet"), Mapping):
-            kw["unet"] = UNetConfig.from_diffusers(kw["unet"])
-        if isinstance(kw.get("vae"), Mapping):
-            kw["vae"] = VAEConfig.from_diffusers(kw["vae"])
+        kw = backbone_kwargs(cls, d)
         if "deconv_filters" in kw:
             kw["deconv_filters"] = tuple(kw["deconv_filters"])
         return cls(**kw)
@@ -198,6 +190,20 @@ class VPDConfig:
 
 
 PRESETS = ("sd15", "tiny", "micro")
+
+
+def backbone_kwargs(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` as keyword arguments of the config dataclass ``cls``: unknown fields are one error, and ``unet`` /
+    ``vae`` given as dicts (ours or diffusers' configs) become ``UNetConfig`` / ``VAEConfig``."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+    kw = dict(d)
+    if isinstance(kw.get("unet"), Mapping):
+        kw["unet"] = UNetConfig.from_diffusers(kw["unet"])
+    if isinstance(kw.get("vae"), Mapping):
+        kw["vae"] = VAEConfig.from_diffusers(kw["vae"])
+    return kw
 
 
 class VPDDepth(nn.Module):

@@ -31,7 +31,7 @@ from vpd_jax.models.head import TextAdapter
 from vpd_jax.models.seg_head import SemanticFPN
 from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig, concat_attention_maps
 from vpd_jax.models.vae import VAEConfig, VAEEncoder
-from vpd_jax.models.vpd import CONSTANTS, VPDConfig
+from vpd_jax.models.vpd import CONSTANTS, VPDConfig, backbone_kwargs
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -100,16 +100,7 @@ class VPDSegConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VPDSegConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"VPDSegConfig: unknown field(s) {unknown}")
-        kw = dict(d)
-        if isinstance(kw.get("unet"), Mapping):
-            kw["unet"] = UNetConfig.from_diffusers(kw["unet"])
-        if isinstance(kw.get("vae"), Mapping):
-            kw["vae"] = VAEConfig.from_diffusers(kw["vae"])
-        return cls(**kw)
+        return cls(**backbone_kwargs(cls, d))
 
     def replace(self, **kw) -> VPDSegConfig:
         return dataclasses.replace(self, **kw)
