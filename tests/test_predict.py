@@ -2,8 +2,8 @@
 
 The model is ``VPDConfig.tiny`` narrowed further (4 UNet levels of 32 channels, an 8-channel VAE, one layer per
 block) with random weights drawn in numpy, saved with ``save_converted`` and trained crop 64. On 2 shared CPU
-cores its one compile (windows of 64x64, 8 per call) takes ~40 s and a 64x64 window ~20 ms, so the sizes of
-the issue (333x517, 480x640, 1024x768) run at their own resolution through the real model. Window placement
+cores its one compile (windows of 64x64, 8 per call) takes ~40 s and a 64x64 window ~20 ms, so the sizes users
+send (333x517, 480x640, 1024x768) run at their own resolution through the real model. Window placement
 at the released models' 480 crop and stride 160 is checked against the evaluator's TTA with a cheap stand-in
 model, which can afford every window.
 """
@@ -31,7 +31,7 @@ from vpd_jax.weights.testing import micro_config, save_micro_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CROP = 64
-# (H, W) of the issue's inputs; "1024x768" is a landscape 1024 wide.
+# (H, W) of an odd-sized photo, NYU's frame and a large photo; "1024x768" is a landscape 1024 wide.
 SIZES = {"odd": (333, 517), "nyu": (480, 640), "big": (768, 1024)}
 
 

@@ -287,21 +287,27 @@ class EvalLoader:
         return self.num_batches
 
 
+def host_block(n: int, batch_size: int, process_index: int, process_count: int) -> tuple[int, int, int]:
+    """``(start, end, num_batches)``: host ``process_index``'s contiguous block of an ``n``-example split, and the
+    batches every host runs (the same number on all, the short blocks padded)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    per_host = math.ceil(n / process_count)
+    start = min(n, process_index * per_host)
+    end = min(n, start + per_host)
+    return start, end, max(1, math.ceil(per_host / batch_size))
+
+
 def make_eval_loader(data_dir: str, *, dataset: str = "nyu_vpd/bts", split: str = "test", batch_size: int,
                      process_index: int = 0, process_count: int = 1, class_rule: ClassRule | str = "official",
                      input_crop: str = "none", read_threads: int = 2) -> EvalLoader:
     """Every example of ``split`` exactly once, in order; host ``p`` gets the p-th contiguous block."""
     import grain
 
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     require_depth_dataset(dataset)
     source = open_source(data_dir, dataset, split)
     n = len(source)
-    per_host = math.ceil(n / process_count)
-    start = min(n, process_index * per_host)
-    end = min(n, start + per_host)
-    num_batches = max(1, math.ceil(per_host / batch_size))
+    start, end, num_batches = host_block(n, batch_size, process_index, process_count)
     rule = _class_rule(class_rule)
     if input_crop not in INPUT_CROPS:
         raise ConfigError(f"input_crop {input_crop!r} is not one of {INPUT_CROPS}")

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import numpy as np
 
 from vpd_jax.data import catalog
-from vpd_jax.data.loader import TrainIterator, global_stream, open_source
+from vpd_jax.data.loader import TrainIterator, global_stream, host_block, open_source
 from vpd_jax.data.seg_augment import IGNORE_INDEX, SegAugmentConfig, rescale_shape, seg_augment
 from vpd_jax.data.segmentation import decode_label
 from vpd_jax.errors import ConfigError
@@ -193,14 +192,9 @@ def make_seg_eval_loader(data_dir: str, *, dataset: str = "ade20k_vpd/ade", spli
     import grain
 
     _check_task(dataset)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     source = open_source(data_dir, dataset, split)
     n = len(source)
-    per_host = math.ceil(n / process_count)
-    start = min(n, process_index * per_host)
-    end = min(n, start + per_host)
-    num_batches = max(1, math.ceil(per_host / batch_size))
+    start, end, num_batches = host_block(n, batch_size, process_index, process_count)
     transform = _SegEvalTransform(source, start, end, tuple(scale) if scale is not None else None)
     ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))

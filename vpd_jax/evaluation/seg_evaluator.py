@@ -19,14 +19,16 @@ Metrics: ``vpd_jax.evaluation.segmentation`` (per-class areas summed over the sp
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
+from vpd_jax import visualize
 from vpd_jax.evaluation.segmentation import SegmentationAccumulator
-from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear
+from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear, run_in_chunks, slide_flip_predict
 
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's ADE20K aug test img_ratios
 
@@ -67,26 +69,15 @@ def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def slide_logits(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, crop: tuple[int, int],
                  stride: tuple[int, int], windows_per_call: int = 4) -> np.ndarray:
-    """mmseg ``slide_inference`` over one (h, w, 3) image: (h, w, C) float32 logits averaged over the windows."""
+    """mmseg ``slide_inference`` over one (h, w, 3) image: (h, w, C) float32 logits averaged over the windows
+    (``tta.slide_flip_predict`` without flips; the windows through ``forward`` in chunks)."""
     h, w = image.shape[:2]
     ch, cw = min(crop[0], h), min(crop[1], w)
-    spots = [(y, x) for y in mmseg_window_starts(h, ch, stride[0]) for x in mmseg_window_starts(w, cw, stride[1])]
-    windows = np.stack([image[y:y + ch, x:x + cw] for y, x in spots])
-    outs = []
-    k = windows_per_call
-    for i in range(0, len(windows), k):
-        chunk = windows[i:i + k]
-        m = len(chunk)
-        if m < k:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], k - m, 0)], 0)
-        outs.append(np.asarray(forward(chunk), np.float32)[:m])
-    logits = np.concatenate(outs, 0)
-    canvas = np.zeros((h, w, logits.shape[-1]), np.float32)
-    count = np.zeros((h, w, 1), np.float32)
-    for (y, x), lg in zip(spots, logits, strict=True):
-        canvas[y:y + ch, x:x + cw] += lg
-        count[y:y + ch, x:x + cw] += 1
-    return canvas / count
+    logits = slide_flip_predict(lambda rows, _: run_in_chunks(forward, np.asarray(rows), windows_per_call),
+                                image[None], np.zeros((1,), np.int32), crop=(ch, cw),
+                                y_starts=mmseg_window_starts(h, ch, stride[0]),
+                                x_starts=mmseg_window_starts(w, cw, stride[1]), flip=False, one_call=True)
+    return np.asarray(logits, np.float32)[0]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -182,10 +173,6 @@ class SegEvaluator:
 
 
 def _save_label_png(folder: str, file_name: str, pred: np.ndarray) -> None:
-    import os
-
-    from vpd_jax import visualize
-
     base = os.path.splitext(file_name.strip("/").replace("/", "_") or "image")[0]
     visualize.save_label_png(os.path.join(folder, base + ".png"), pred)
 
@@ -198,8 +185,6 @@ def format_summary(metrics: dict, names: Sequence[str] = ("aAcc", "mIoU", "mAcc"
 def picture_grid(pictures: list[dict], num_classes: int) -> np.ndarray:
     """Rows of image | ground truth | prediction (class colours; ignored pixels black), uint8 RGB, each row at its
     image's width (pictures padded to the widest)."""
-    from vpd_jax import visualize
-
     palette = visualize.class_palette(num_classes)
     rows = []
     for p in pictures:

@@ -19,6 +19,7 @@ jnp with static loops, so the whole TTA can also be wrapped in ``jax.jit`` aroun
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,8 @@ def slide_flip_predict(
     flip: bool = True,
     one_call: bool = False,
 ):
-    """Windows at every (y, x) start, each flip-averaged, summed into a canvas and divided by overlap.
+    """Windows at every (y, x) start, each flip-averaged, summed into a canvas and divided by overlap. Predictions
+    are (B, h, w) depth or (B, h, w, C) logits.
 
     The one sliding-window implementation, for evaluation and for ``vpd_jax.inference.Predictor``. Per window,
     ``predict_fn`` sees the window and its mirror image as one batch (2B rows). ``one_call=True`` gives it every
@@ -94,14 +96,29 @@ def slide_flip_predict(
         rows += [r[:, :, ::-1] for r in rows] if flip else []
         n = len(spots)
         ids = jnp.concatenate([class_ids] * len(rows), 0)
-        per = jnp.asarray(predict_fn(jnp.concatenate(rows, 0), ids)).reshape(len(rows), b, ch, cw)
+        flat = jnp.asarray(predict_fn(jnp.concatenate(rows, 0), ids))
+        per = flat.reshape(len(rows), b, ch, cw, *flat.shape[3:])
         preds = [(per[i] + per[n + i, :, :, ::-1]) / 2.0 if flip else per[i] for i in range(n)]
     else:
         preds = [_flip_averaged(predict_fn, images[:, y : y + ch, x : x + cw], class_ids, flip) for y, x in spots]
-    canvas = jnp.zeros((b, h, w), jnp.float32)
+    trailing = tuple(preds[0].shape[3:])  # () for depth, (classes,) for logits
+    canvas = jnp.zeros((b, h, w, *trailing), jnp.float32)
     for (y, x), pred in zip(spots, preds, strict=True):
         canvas = canvas.at[:, y : y + ch, x : x + cw].add(pred.astype(jnp.float32))
-    return canvas / jnp.asarray(count)
+    return canvas / jnp.asarray(count).reshape(h, w, *(1,) * len(trailing))
+
+
+def run_in_chunks(fn: Callable[[np.ndarray], Any], rows: np.ndarray, k: int) -> np.ndarray:
+    """``fn`` over ``rows`` in chunks of ``k`` (the last chunk padded with copies of its last row, so a jitted
+    ``fn`` sees one shape and compiles once), as one float32 array."""
+    out = []
+    for i in range(0, len(rows), k):
+        chunk = rows[i : i + k]
+        m = len(chunk)
+        if m < k:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], k - m, 0)], 0)
+        out.append(np.asarray(fn(chunk), np.float32)[:m])
+    return np.concatenate(out, 0)
 
 
 def official_tta(

@@ -103,9 +103,10 @@ def known_class_names(checkpoint: str, class_embeddings: str | None) -> list[str
     path, _ = split_source(checkpoint)
     if path.is_dir() and is_training_workdir(path):
         try:
-            if workdir_config(path).get("task", "depth") != "depth":
+            cfg = workdir_config(path)
+            if cfg.get("task", "depth") != "depth":
                 return None  # a segmentation model: said once it is loaded
-            n = int(workdir_config(path)["model"].get("num_classes") or NUM_CLASSES)
+            n = int(cfg["model"].get("num_classes") or NUM_CLASSES)
         except (WeightsError, KeyError, TypeError, ValueError):
             return None
         return workdir_class_names(path, n) or (list(NYU_CLASSES) if n == NUM_CLASSES else None)

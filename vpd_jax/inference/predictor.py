@@ -11,8 +11,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear, slide_flip_predict
+from vpd_jax.evaluation.tta import mmseg_window_starts, resize_bilinear, run_in_chunks, slide_flip_predict
 from vpd_jax.inference.images import as_rgb
+from vpd_jax.inference.segmenter import Segmenter
 from vpd_jax.models.vpd import with_unknown_row
 from vpd_jax.scenes import NYU_CLASSES, name_key, read_class_list
 from vpd_jax.text import TextEncoder
@@ -134,8 +135,6 @@ class Predictor:
             model_overrides["dtype"] = dtype
         loaded = load_model(src, overrides=model_overrides)
         if loaded.task == "segmentation":  # the same door for both tasks: class maps instead of depth
-            from vpd_jax.inference.segmenter import Segmenter
-
             if scene is not None or prompt is not None or class_embeddings is not None:
                 raise ValueError(f"{src}: a segmentation model; scene, prompt and class_embeddings are for depth")
             kw = {"batch_size": batch_size}
@@ -247,12 +246,5 @@ class Predictor:
 
     def _run(self, rows: np.ndarray) -> np.ndarray:
         """The jitted forward over ``rows`` in chunks of ``batch_size`` (last chunk padded: one shape, one compile)."""
-        out = []
-        k = self.batch_size
-        for i in range(0, len(rows), k):
-            chunk = rows[i : i + k]
-            m = len(chunk)
-            if m < k:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], k - m, 0)], 0)
-            out.append(np.asarray(self._forward(self.variables, chunk, self._embedding), np.float32)[:m])
-        return np.concatenate(out, 0)
+        return run_in_chunks(lambda chunk: self._forward(self.variables, chunk, self._embedding), rows,
+                             self.batch_size)
